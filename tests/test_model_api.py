@@ -1,0 +1,187 @@
+"""The timm model API on EPSANet. Wiring tests use one block per stage at 64 px."""
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models import create_feature_extractor
+
+import timm_epsa  # noqa: F401  registers the models
+
+FEATURE_CHANNELS = [64, 256, 512, 1024, 2048]
+FEATURE_REDUCTIONS = [2, 4, 8, 16, 32]
+
+
+def tiny(name: str = 'epsanet50', **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, layers=(1, 1, 1, 1), **kwargs).eval()
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny()
+
+
+@pytest.fixture(scope='module')
+def x():
+    return torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize('num_classes, expected', [(10, (2, 10)), (0, (2, 2048))])
+def test_num_classes(x, num_classes, expected):
+    assert tiny(num_classes=num_classes)(x).shape == expected
+
+
+@pytest.mark.parametrize('in_chans', [1, 3, 4])
+def test_in_chans(in_chans):
+    model = tiny(in_chans=in_chans, num_classes=5)
+    assert model.conv1.in_channels == in_chans
+    assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize('pool, width', [('avg', 2048), ('max', 2048), ('avgmax', 2048), ('catavgmax', 4096)])
+def test_global_pool(x, pool, width):
+    model = tiny(global_pool=pool, num_classes=0)
+    assert model(x).shape == (2, width)
+
+
+def test_unpooled_features_after_reset_classifier(model, x):
+    model = tiny()
+    model.reset_classifier(0, '')
+    assert model(x).shape == (2, 2048, 2, 2)
+
+
+def test_reset_classifier(x):
+    model = tiny()
+    model.reset_classifier(7)
+    assert model.get_classifier().out_features == 7
+    assert model(x).shape == (2, 7)
+
+
+def test_drop_rate_is_active_only_in_training(x):
+    model = tiny(drop_rate=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))
+        model.train()
+        assert not torch.allclose(model(x), model(x))
+
+
+def test_drop_path_rate_schedules_stochastic_depth():
+    model = timm.create_model('epsanet50', drop_path_rate=0.2)
+    rates = [b.drop_path.drop_prob if b.drop_path is not None else 0.0
+             for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert rates == sorted(rates)
+
+
+@pytest.mark.parametrize('output_stride, final_size', [(32, 2), (16, 4), (8, 8)])
+def test_output_stride_dilates_psa(x, output_stride, final_size):
+    model = tiny(output_stride=output_stride, num_classes=0)
+    assert model.forward_features(x).shape == (2, 2048, final_size, final_size)
+    psa = model.layer4[0].conv2
+    dilation = {32: 1, 16: 1, 8: 2}[output_stride]  # first block of a stage keeps the previous dilation
+    assert psa.conv_4.dilation == (dilation, dilation)
+    assert psa.conv_4.padding == (4 * dilation, 4 * dilation)
+
+
+@pytest.mark.parametrize('name', ['epsanet50', 'epsanet50_large'])
+def test_features_only(name, x):
+    model = tiny(name, features_only=True)
+    assert model.feature_info.channels() == FEATURE_CHANNELS
+    assert model.feature_info.reduction() == FEATURE_REDUCTIONS
+    feats = model(x)
+    assert [f.shape[1] for f in feats] == FEATURE_CHANNELS
+    assert [64 // f.shape[-1] for f in feats] == FEATURE_REDUCTIONS
+
+
+def test_features_only_out_indices_for_detection(x):
+    model = tiny(features_only=True, out_indices=(1, 2, 3, 4))
+    assert [f.shape[1:] for f in model(x)] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4), (2048, 2, 2)]
+
+
+def test_forward_features_and_head(model, x):
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 2048, 2, 2)
+    pre = model.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, 2048)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    torch.testing.assert_close(model.fc(pre), model(x))
+
+
+def test_forward_intermediates_match_features_only(model, x):
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    extractor = tiny(features_only=True)
+    for a, b in zip(intermediates, extractor(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_grad_checkpointing_same_outputs_and_gradients(x):
+    def run(checkpointing: bool):
+        model = tiny()
+        model.set_grad_checkpointing(checkpointing)
+        out = model(x)
+        out.square().mean().backward()
+        return out, {n: p.grad for n, p in model.named_parameters()}
+
+    out_plain, grads_plain = run(False)
+    out_ckpt, grads_ckpt = run(True)
+    torch.testing.assert_close(out_ckpt, out_plain)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_torchscript(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit is deprecated but still used by timm users
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_fx_trace_and_feature_extractor(model, x):
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+    extractor = create_feature_extractor(model, return_nodes={'layer2': 'c3', 'layer4': 'c5'})
+    out = extractor(x)
+    assert out['c3'].shape == (2, 512, 8, 8) and out['c5'].shape == (2, 2048, 2, 2)
+
+
+def test_meta_device_construction():
+    model = timm.create_model('epsanet101_large', device='meta')
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    model = model.to_empty(device='cpu')
+    assert model.layer3[0].conv2.conv_4.weight.device.type == 'cpu'
+
+
+def test_channels_last_matches_contiguous(model, x):
+    expected = model(x)
+    cl_model = tiny().to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl_model(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_on_cpu(model, x):
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model(x), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize('size', [(32, 32), (33, 33), (47, 61), (97, 40)])
+def test_any_input_of_at_least_32px(model, size):
+    out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_block_accepts_every_resnet_keyword(x):
+    """Anti-aliasing, extra attention and DropBlock are wired where timm's Bottleneck has them,
+    and extra block_args keep the variant's PSA schedule."""
+    model = tiny('epsanet50_large', aa_layer=timm.layers.BlurPool2d, drop_block_rate=0.1, act_layer='silu',
+                 block_reduce_first=2, block_args=dict(attn_layer='se'))
+    block = model.layer2[0]
+    assert block.conv2.conv_1.stride == (1, 1)
+    assert isinstance(block.aa, timm.layers.BlurPool2d)
+    assert isinstance(block.se, timm.layers.SEModule)
+    assert isinstance(block.act1, torch.nn.SiLU)
+    assert block.conv1.out_channels == block.conv2.conv_1.in_channels == 128  # 256 wide, reduce_first=2
+    assert block.conv2.conv_1.groups == 32
+    assert model(x).shape == (2, 1000)

@@ -1,0 +1,96 @@
+"""The PSA layer against the naive reference written from the definition."""
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from naive_epsanet import NaivePSA
+from timm_epsa.layers import PyramidSqueezeAttention
+
+
+@st.composite
+def psa_configs(draw):
+    num_branches = draw(st.integers(1, 4))
+    branch_chs = draw(st.sampled_from([4, 8, 16]))
+    in_chs = draw(st.sampled_from([4, 8, 12, 16, 24]))
+    kernel_sizes = tuple(draw(st.sampled_from([1, 3, 5, 7, 9])) for _ in range(num_branches))
+    common = [g for g in (1, 2, 4, 8, 16) if branch_chs % g == 0 and in_chs % g == 0]
+    groups = tuple(draw(st.sampled_from(common)) for _ in range(num_branches))
+    return dict(
+        in_chs=in_chs,
+        out_chs=branch_chs * num_branches,
+        stride=draw(st.sampled_from([1, 2])),
+        dilation=draw(st.sampled_from([1, 2])),
+        kernel_sizes=kernel_sizes,
+        groups=groups,
+        reduction=draw(st.sampled_from([r for r in (1, 2, 4, 16) if branch_chs // r >= 1])),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=psa_configs(), batch=st.integers(1, 3), height=st.integers(5, 19), width=st.integers(5, 19),
+       seed=st.integers(0, 2 ** 16))
+def test_psa_matches_naive_reference_forward_and_backward(cfg, batch, height, width, seed):
+    torch.manual_seed(seed)
+    psa = PyramidSqueezeAttention(**cfg)
+    naive = NaivePSA(**cfg)
+    naive.load_state_dict(psa.state_dict(), strict=True)  # same names as the official PSAModule
+
+    x = torch.randn(batch, cfg['in_chs'], height, width)
+    x_psa, x_naive = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = psa(x_psa), naive(x_naive)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    grad_out = torch.randn_like(ref)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    torch.testing.assert_close(x_psa.grad, x_naive.grad, rtol=1e-5, atol=1e-5)
+    naive_params = dict(naive.named_parameters())
+    for name, param in psa.named_parameters():
+        torch.testing.assert_close(param.grad, naive_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_branches_are_concatenated_last_to_first():
+    """Zeroing every branch but the 9x9 one must leave only the first quarter of channels non-zero."""
+    psa = PyramidSqueezeAttention(16, 16, kernel_sizes=(3, 5, 7, 9), groups=(1, 1, 1, 1), reduction=1)
+    with torch.no_grad():
+        for i in (1, 2, 3):
+            getattr(psa, f'conv_{i}').weight.zero_()
+    out = psa(torch.randn(1, 16, 12, 12))
+    assert out[:, :4].abs().sum() > 0
+    assert out[:, 4:].abs().sum() == 0
+
+
+def test_official_parameter_names_and_shapes():
+    psa = PyramidSqueezeAttention(64, 64)
+    shapes = {k: tuple(v.shape) for k, v in psa.state_dict().items()}
+    assert shapes == {
+        'conv_1.weight': (16, 64, 3, 3),
+        'conv_2.weight': (16, 16, 5, 5),
+        'conv_3.weight': (16, 8, 7, 7),
+        'conv_4.weight': (16, 4, 9, 9),
+        'se.fc1.weight': (1, 16, 1, 1),
+        'se.fc1.bias': (1,),
+        'se.fc2.weight': (16, 1, 1, 1),
+        'se.fc2.bias': (16,),
+    }
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(in_chs=64, out_chs=66), 'out_chs=66 is not divisible by the 4 branches'),
+    (dict(in_chs=64, out_chs=64, groups=(1, 4, 8, 32)), 'groups=32 (kernel 9) must divide'),
+    (dict(in_chs=60, out_chs=64, groups=(1, 4, 8, 16)), 'in_chs=60'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7)), 'must be non-empty and of the same length'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7, 8)), 'kernel size 8'),
+    (dict(in_chs=64, out_chs=64, stride=0), 'stride=0'),
+    (dict(in_chs=64, out_chs=64, reduction=32), 'leaves no hidden channel'),
+])
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PyramidSqueezeAttention(**kwargs)
+
+
+def test_factory_kwargs_build_on_meta_device():
+    psa = PyramidSqueezeAttention(32, 32, kernel_sizes=(3, 5), groups=(1, 2), device='meta', dtype=torch.bfloat16)
+    assert all(p.device.type == 'meta' and p.dtype == torch.bfloat16 for p in psa.parameters())

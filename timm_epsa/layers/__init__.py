@@ -1,0 +1,3 @@
+from .psa import PyramidSqueezeAttention, SEWeight
+
+__all__ = ['PyramidSqueezeAttention', 'SEWeight']

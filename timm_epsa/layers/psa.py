@@ -1,0 +1,139 @@
+"""Pyramid Squeeze Attention (PSA)
+
+Paper: `EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network`
+    - https://arxiv.org/abs/2105.14447 (ACCV 2022; v1 was titled "... Pyramid Split Attention ...")
+Original code: https://github.com/murufeng/EPSANet (Apache-2.0)
+
+The layer reproduces the official code number for number, which differs from the paper's prose in
+ways that trained weights depend on:
+    * every branch convolves *all* input channels (the paper speaks of splitting the input; the
+      authors answered "follow the code", EPSANet issue #9),
+    * one SE weight module is shared by all branches,
+    * the branches are concatenated in reverse order (largest kernel first), which the BatchNorm
+      after the layer has learned to expect.
+"""
+from typing import List, Sequence, Type
+
+import torch
+from torch import nn
+
+
+class SEWeight(nn.Module):
+    """Squeeze-and-excitation gate that returns the weights instead of rescaling its input.
+
+    PSA needs the raw per-branch gates so it can normalise them across branches with a softmax.
+    It takes already pooled descriptors of shape (N, C, 1, 1): the caller pools every branch in one
+    go and sends all branches through this one shared module as a single batch.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            reduction: int = 16,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f'SEWeight: channels={channels} // reduction={reduction} leaves no hidden channel; '
+                f'use a reduction of at most {channels}.')
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True, **dd)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True, **dd)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(pooled))).sigmoid()
+
+
+def _check_psa_args(
+        in_chs: int,
+        out_chs: int,
+        kernel_sizes: Sequence[int],
+        groups: Sequence[int],
+        stride: int,
+        dilation: int,
+) -> None:
+    """Reject configurations the convolutions would fail on later, with the rule that is broken."""
+    if len(kernel_sizes) != len(groups) or not kernel_sizes:
+        raise ValueError(
+            f'PyramidSqueezeAttention: kernel_sizes={tuple(kernel_sizes)} and groups={tuple(groups)} must be '
+            f'non-empty and of the same length (one kernel size and one group count per branch).')
+    num_branches = len(kernel_sizes)
+    if out_chs % num_branches:
+        raise ValueError(
+            f'PyramidSqueezeAttention: out_chs={out_chs} is not divisible by the {num_branches} branches; '
+            f'use a multiple of {num_branches}.')
+    if stride < 1 or dilation < 1:
+        raise ValueError(f'PyramidSqueezeAttention: stride={stride} and dilation={dilation} must be >= 1.')
+    branch_chs = out_chs // num_branches
+    for k, g in zip(kernel_sizes, groups):
+        if k < 1 or k % 2 == 0:
+            raise ValueError(
+                f'PyramidSqueezeAttention: kernel size {k} in kernel_sizes={tuple(kernel_sizes)} must be a '
+                f'positive odd number so that padding keeps the output centred.')
+        if g < 1 or branch_chs % g or in_chs % g:
+            raise ValueError(
+                f'PyramidSqueezeAttention: groups={g} (kernel {k}) must divide both in_chs={in_chs} and the '
+                f'branch width out_chs / {num_branches} = {branch_chs}; choose a group count that divides both.')
+
+
+class PyramidSqueezeAttention(nn.Module):
+    """Multi-scale grouped convolutions re-weighted by a softmax over per-branch SE gates.
+
+    Branch ``i`` is a ``kernel_sizes[i]`` convolution with ``groups[i]`` groups over all input channels,
+    producing ``out_chs / len(kernel_sizes)`` channels. A single :class:`SEWeight` module gates every
+    branch; the gates are normalised with a softmax across branches (per channel), each branch is
+    scaled by its weight, and the branches are concatenated last-to-first as the official code does.
+
+    Parameter names (``conv_1`` ... ``conv_S``, ``se.fc1``, ``se.fc2``) match the official
+    ``PSAModule`` so its state dicts load strictly.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            dilation: int = 1,
+            kernel_sizes: Sequence[int] = (3, 5, 7, 9),
+            groups: Sequence[int] = (1, 4, 8, 16),
+            reduction: int = 16,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        _check_psa_args(in_chs, out_chs, kernel_sizes, groups, stride, dilation)
+        self.num_branches = len(kernel_sizes)
+        self.branch_chs = out_chs // self.num_branches
+        for i, (k, g) in enumerate(zip(kernel_sizes, groups)):
+            conv = nn.Conv2d(
+                in_chs,
+                self.branch_chs,
+                kernel_size=k,
+                stride=stride,
+                padding=dilation * (k - 1) // 2,
+                dilation=dilation,
+                groups=g,
+                bias=False,
+                **dd,
+            )
+            self.add_module(f'conv_{i + 1}', conv)
+        self.se = SEWeight(self.branch_chs, reduction=reduction, act_layer=act_layer, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches: List[torch.Tensor] = []
+        for name, module in self.named_children():
+            if name.startswith('conv_'):
+                branches.insert(0, module(x))  # last branch first: the official concatenation order
+        feats = torch.cat(branches, dim=1)
+        B, _, H, W = feats.shape
+        feats = feats.view(B, self.num_branches, self.branch_chs, H, W)
+        pooled = feats.mean((3, 4)).reshape(B * self.num_branches, self.branch_chs, 1, 1)
+        attn = self.se(pooled).view(B, self.num_branches, self.branch_chs, 1, 1).softmax(dim=1)
+        return (feats * attn).reshape(B, self.num_branches * self.branch_chs, H, W)

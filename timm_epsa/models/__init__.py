@@ -1,0 +1,3 @@
+from .epsanet import EPSABottleneck
+
+__all__ = ['EPSABottleneck']

@@ -1,0 +1,212 @@
+"""EPSANet: ResNet with Pyramid Squeeze Attention bottlenecks
+
+Paper: `EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network`
+    - https://arxiv.org/abs/2105.14447 (ACCV 2022)
+Original code: https://github.com/murufeng/EPSANet (Apache-2.0)
+
+The EPSA block is the ResNet v1.5 bottleneck with its 3x3 conv replaced by a PSA layer, so the
+network is timm's ``ResNet`` with a different block; feature extraction, dilation, drop-path and
+gradient checkpointing come from there. Keys outside the PSA layer match timm's ResNet and the
+official code alike.
+
+Variants:
+    * Small (``epsanet50``, ``epsanet101``): kernels (3, 5, 7, 9), groups (1, 4, 8, 16), plain
+      ResNet widths; exactly the official code's network.
+    * Large (``*_large``): groups 32 in every branch, which needs at least 32 channels per branch,
+      so the bottleneck is twice as wide (``base_width=128``). The paper gives no code for it; its
+      table's parameter counts (27.90M / 49.59M) are not reached by any configuration the paper
+      describes, see README.
+"""
+import math
+import os
+from typing import Any, Dict, Optional, Type
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_aa, create_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import ResNet
+
+from ..layers import PyramidSqueezeAttention
+
+__all__ = ['EPSABottleneck']
+
+SMALL_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8, 16))
+LARGE_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(32, 32, 32, 32))
+
+
+class EPSABottleneck(nn.Module):
+    """ResNet bottleneck whose 3x3 conv is a :class:`PyramidSqueezeAttention` layer (the EPSA block).
+
+    Accepts every keyword timm's ``ResNet`` passes to its blocks; ``cardinality`` and ``base_width``
+    set the bottleneck width exactly as in timm's ``Bottleneck`` while the PSA branch groups come
+    from ``psa_kwargs``.
+    """
+    expansion = 4
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            cardinality: int = 1,
+            base_width: int = 64,
+            psa_kwargs: Optional[Dict[str, Any]] = None,
+            reduce_first: int = 1,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_layer: Optional[Type[nn.Module]] = None,
+            aa_layer: Optional[Type[nn.Module]] = None,
+            drop_block: Optional[Type[nn.Module]] = None,
+            drop_path: Optional[nn.Module] = None,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        width = int(math.floor(planes * (base_width / 64)) * cardinality)
+        first_planes = width // reduce_first
+        outplanes = planes * self.expansion
+        first_dilation = first_dilation or dilation
+        use_aa = aa_layer is not None and (stride == 2 or first_dilation != dilation)
+
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
+        self.act1 = act_layer(inplace=True)
+
+        self.conv2 = PyramidSqueezeAttention(
+            first_planes,
+            width,
+            stride=1 if use_aa else stride,
+            dilation=first_dilation,
+            act_layer=act_layer,
+            **(psa_kwargs or SMALL_PSA),
+            **dd,
+        )
+        self.bn2 = norm_layer(width, **dd)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()
+        self.act2 = act_layer(inplace=True)
+        self.aa = create_aa(aa_layer, channels=width, stride=stride, enable=use_aa, **dd)
+
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.se = create_attn(attn_layer, outplanes, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn3, 'weight', None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+
+        x = self.conv3(x)
+        x = self.bn3(x)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act3(x)
+        return x
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Accept checkpoints written by the official ``main.py`` as well as plain state dicts.
+
+    The official script saves ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` with keys
+    prefixed ``module.`` by DataParallel; its parameter names are otherwise ours.
+    """
+    state_dict = state_dict.get('state_dict', state_dict)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _create_epsanet(
+        variant: str,
+        pretrained: bool = False,
+        psa_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> ResNet:
+    # Merge rather than replace block_args so that e.g. block_args=dict(attn_layer='se') keeps the
+    # variant's PSA schedule.
+    kwargs['block_args'] = {'psa_kwargs': psa_kwargs or SMALL_PSA, **(kwargs.get('block_args') or {})}
+    kwargs.setdefault('block', EPSABottleneck)
+    kwargs.setdefault('zero_init_last', False)  # the official init leaves the last BN at 1
+    return build_model_with_cfg(
+        ResNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2105.14447',
+        'paper_name': 'EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network',
+        'origin_url': 'https://github.com/murufeng/EPSANet',
+        **kwargs,
+    }
+
+
+# Weights live on the Hub as '<namespace>/<model>.<tag>'; a team hosting its own sets the namespace.
+HUB_NAMESPACE = os.environ.get('TIMM_EPSA_HUB_NAMESPACE') or 'timm-epsa'
+
+default_cfgs = generate_default_cfgs({
+    f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_NAMESPACE}/{name}.in1k')
+    for name in ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
+})
+
+
+@register_model
+def epsanet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-50 (Small): the official network, 22.56M params."""
+    model_args = dict(layers=(3, 4, 6, 3))
+    return _create_epsanet('epsanet50', pretrained, psa_kwargs=SMALL_PSA, **dict(model_args, **kwargs))
+
+
+@register_model
+def epsanet101(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-101 (Small): the official network, 38.90M params."""
+    model_args = dict(layers=(3, 4, 23, 3))
+    return _create_epsanet('epsanet101', pretrained, psa_kwargs=SMALL_PSA, **dict(model_args, **kwargs))
+
+
+@register_model
+def epsanet50_large(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-50 (Large): groups 32 at twice the bottleneck width, 30.10M params (paper's table: 27.90M)."""
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128)
+    return _create_epsanet('epsanet50_large', pretrained, psa_kwargs=LARGE_PSA, **dict(model_args, **kwargs))
+
+
+@register_model
+def epsanet101_large(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-101 (Large): groups 32 at twice the bottleneck width, 53.74M params (paper's table: 49.59M)."""
+    model_args = dict(layers=(3, 4, 23, 3), base_width=128)
+    return _create_epsanet('epsanet101_large', pretrained, psa_kwargs=LARGE_PSA, **dict(model_args, **kwargs))
