@@ -18,7 +18,7 @@ Variants:
       describes, see README.
 """
 import math
-import os
+from functools import partial
 from typing import Any, Dict, Optional, Type
 
 import torch
@@ -26,12 +26,14 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_aa, create_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
+from ..checkpoint import check_fits
+from ..hub import configured_namespace, explain_load_errors, hub_repo_id, pretrained_cfg_for_loading
 from ..layers import PyramidSqueezeAttention
 
-__all__ = ['EPSABottleneck']
+__all__ = ['EPSABottleneck', 'MODEL_NAMES']
 
 SMALL_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8, 16))
 LARGE_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(32, 32, 32, 32))
@@ -131,19 +133,35 @@ class EPSABottleneck(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Accept checkpoints written by the official ``main.py`` as well as plain state dicts.
+    """Accept checkpoints written by the official ``main.py`` as well as plain state dicts, and refuse
+    one for another architecture with the tensors that differ.
 
     The official script saves ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` with keys
-    prefixed ``module.`` by DataParallel; its parameter names are otherwise ours.
+    prefixed ``module.`` by DataParallel; its parameter names are otherwise ours. The check runs
+    here, before timm adapts the classifier and input conv, because timm loads non-strictly whenever
+    it drops the classifier (``num_classes`` changed, ``features_only``) and would then leave a
+    foreign backbone silently half-loaded. The tensors timm adapts are left out of the comparison.
     """
-    state_dict = state_dict.get('state_dict', state_dict)
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = clean_state_dict(state_dict.get('state_dict', state_dict))
+    cfg = model.pretrained_cfg
+    classifier_dropped = model.num_classes != cfg.get('num_classes', model.num_classes)
+    check_fits(
+        state_dict,
+        model,
+        what='the checkpoint',
+        architecture=cfg.get('architecture', type(model).__name__),
+        skip_keys=(f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias") if classifier_dropped else (),
+        skip_shapes=(f"{cfg.get('first_conv')}.weight",),
+    )
+    return state_dict
 
 
 def _create_epsanet(
         variant: str,
         pretrained: bool = False,
         psa_kwargs: Optional[Dict[str, Any]] = None,
+        pretrained_cfg: Optional[Any] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         **kwargs,
 ) -> ResNet:
     # Merge rather than replace block_args so that e.g. block_args=dict(attn_layer='se') keeps the
@@ -151,13 +169,14 @@ def _create_epsanet(
     kwargs['block_args'] = {'psa_kwargs': psa_kwargs or SMALL_PSA, **(kwargs.get('block_args') or {})}
     kwargs.setdefault('block', EPSABottleneck)
     kwargs.setdefault('zero_init_last', False)  # the official init leaves the last BN at 1
-    return build_model_with_cfg(
-        ResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    build = partial(build_model_with_cfg, ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn)
+    if not pretrained:
+        return build(pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
+    # Weights load through timm's own path (which adapts num_classes / in_chans); the cfg is pinned to
+    # safetensors first, and a repo without usable weights fails with an error that says what to do.
+    cfg = pretrained_cfg_for_loading(variant, pretrained_cfg, pretrained_cfg_overlay)
+    with explain_load_errors(cfg):
+        return build(pretrained_cfg=cfg, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -175,12 +194,12 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-# Weights live on the Hub as '<namespace>/<model>.<tag>'; a team hosting its own sets the namespace.
-HUB_NAMESPACE = os.environ.get('TIMM_EPSA_HUB_NAMESPACE') or 'timm-epsa'
+MODEL_NAMES = ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
 
+# Weights live on the Hub as '<namespace>/<model>.in1k', the namespace read from
+# TIMM_EPSA_HUB_NAMESPACE here, when the models are registered (see timm_epsa.hub).
 default_cfgs = generate_default_cfgs({
-    f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_NAMESPACE}/{name}.in1k')
-    for name in ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
+    f'{name}.in1k': _cfg(hf_hub_id=hub_repo_id(name, namespace=configured_namespace())) for name in MODEL_NAMES
 })
 
 

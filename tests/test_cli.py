@@ -1,0 +1,293 @@
+"""The ``timm-epsa`` command: convert, push, info, card, and the model cards in hub_cards/."""
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_epsa  # noqa: F401  registers the models
+from timm.models import save_for_hf
+from timm_epsa import cli
+from timm_epsa.checkpoint import CheckpointError, read_checkpoint
+from timm_epsa.hub import NAMESPACE_ENV
+
+pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *args):
+    """Run ``timm-epsa ARGS`` in this process: (exit status, stdout, stderr)."""
+    status = cli.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err, *fragments):
+    """stderr ends with one ``timm-epsa COMMAND: error: ...`` line (after any progress lines), no traceback."""
+    lines = err.strip().splitlines()
+    assert 'Traceback' not in err and [line for line in lines if ': error: ' in line] == lines[-1:], err
+    assert lines[-1].startswith('timm-epsa '), err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_convert_writes_what_timm_writes_and_a_card(converted, tmp_path):
+    checkpoint, folder, source = converted
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+    tensors = safetensors.torch.load_file(folder / 'model.safetensors')
+    assert tensors.keys() == source.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in source.state_dict().items())
+
+    save_for_hf(source, tmp_path, safe_serialization=True)  # what timm's own push_to_hf_hub uploads
+    assert json.loads((folder / 'config.json').read_text()) == json.loads((tmp_path / 'config.json').read_text())
+
+    card = ModelCard.load(folder / 'README.md')
+    assert card.data.library_name == 'timm'
+    assert card.data.tags == ['image-classification', 'timm']
+    assert (card.data.license, card.data.pipeline_tag, card.data.datasets) == \
+        ('apache-2.0', 'image-classification', ['imagenet-1k'])
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == \
+        [('accuracy', 77.4), ('top_5_accuracy', 93.5)]
+    for text in ('Params (M): 22.56', 'GMACs: 3.60', "timm.create_model('hf-hub:timm-epsa/epsanet50.in1k'",
+                 'features_only=True', 'timm.data.create_transform', 'epoch 119', '--model epsanet50 --epochs 120',
+                 '| **EPSANet-50 (Small)** | **22.56**', 'Mask R-CNN', '--decay-epochs 30',
+                 '@inproceedings{zhang2022epsanet'):
+        assert text in card.text, text
+
+
+@pytest.mark.parametrize('content, ema, kind, keys, metric', [
+    # official main.py: DataParallel prefixes, best_prec1
+    ({'epoch': 120, 'state_dict': {'module.a': torch.ones(1)}, 'best_prec1': torch.tensor(77.5), 'optimizer': {}},
+     False, 'official main.py checkpoint', ['a'], ('top1', 77.5)),
+    # timm train.py, plain and EMA weights
+    ({'state_dict': {'a': torch.ones(1)}, 'state_dict_ema': {'a': torch.zeros(1)}, 'metric': 60.0,
+      'args': argparse.Namespace(eval_metric='loss'), 'arch': 'epsanet50'},
+     True, 'timm train.py checkpoint', ['a'], ('loss', 60.0)),
+    ({'a': torch.ones(1), '_orig_mod.b': torch.ones(1)}, False, 'state dict', ['a', 'b'], (None, None)),
+])
+def test_checkpoint_formats(tmp_path, content, ema, kind, keys, metric):
+    torch.save(content, tmp_path / 'checkpoint.pth')
+    checkpoint = read_checkpoint(tmp_path / 'checkpoint.pth', ema=ema)
+    assert (checkpoint.kind, sorted(checkpoint.state_dict), (checkpoint.metric_name, checkpoint.metric)) == \
+        (kind, keys, metric)
+    expected = content['state_dict_ema'] if ema else content.get('state_dict', content)
+    assert all(torch.equal(v, expected[k]) for k, v in zip(expected, checkpoint.state_dict.values()))
+
+
+def test_safetensors_source_and_missing_ema(tmp_path):
+    safetensors.torch.save_file({'a': torch.ones(2)}, tmp_path / 'w.safetensors')
+    checkpoint = read_checkpoint(tmp_path / 'w.safetensors')
+    assert checkpoint.kind == 'safetensors file' and torch.equal(checkpoint.state_dict['a'], torch.ones(2))
+    with pytest.raises(CheckpointError, match='holds no EMA weights'):
+        read_checkpoint(tmp_path / 'w.safetensors', ema=True)
+
+
+def test_convert_refuses_a_pickle_that_would_run_code(capsys, tmp_path, code_in_pickle):
+    payload, marker = code_in_pickle
+    torch.save({'state_dict': {}, 'payload': payload}, tmp_path / 'evil.pth')
+    status, _, err = run_cli(capsys, 'convert', tmp_path / 'evil.pth', tmp_path / 'out', '--model', 'epsanet50')
+    assert status == 1
+    assert_one_line_error(err, 'refusing to unpickle', f'{open.__module__}.open', 'weights_only=True')
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+
+    torch.load(tmp_path / 'evil.pth', weights_only=False)  # the test's pickle is evil indeed
+    assert marker.exists()
+
+
+def test_convert_refuses_a_checkpoint_for_another_architecture(capsys, tmp_path):
+    torch.save({'state_dict': timm.create_model('resnet50').state_dict()}, tmp_path / 'resnet.pth')
+    status, _, err = run_cli(capsys, 'convert', tmp_path / 'resnet.pth', tmp_path / 'out', '--model', 'epsanet50')
+    assert status == 1
+    assert_one_line_error(
+        err, 'does not fit epsanet50', 'missing: layer1.0.conv2.conv_1.weight (16, 64, 3, 3)',
+        'unexpected: layer1.0.conv2.weight (64, 64, 3, 3)')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_convert_refuses_the_wrong_variant_naming_shapes(converted, capsys, tmp_path):
+    checkpoint, _, _ = converted
+    status, _, err = run_cli(capsys, 'convert', checkpoint, tmp_path / 'out', '--model', 'epsanet50_large')
+    assert status == 1
+    assert_one_line_error(
+        err, '(trained as epsanet50) does not fit epsanet50_large', 'of another shape',
+        'layer1.0.conv1.weight (64, 64, 1, 1) vs (128, 64, 1, 1) in the model')
+
+
+def test_convert_refuses_to_overwrite_without_force(converted, capsys, tmp_path):
+    checkpoint, _, _ = converted
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    status, _, err = run_cli(capsys, 'convert', checkpoint, out, '--model', 'epsanet50')
+    assert status == 1
+    assert_one_line_error(err, f'{out} is not empty', '--force')
+    assert [p.name for p in out.iterdir()] == ['notes.txt']
+
+    (out / 'checkpoint.pth').write_bytes(checkpoint.read_bytes())
+    status, _, err = run_cli(capsys, 'convert', out / 'checkpoint.pth', out, '--model', 'epsanet50', '--force')
+    assert status == 1
+    assert_one_line_error(err, 'which --force would delete')
+    assert sorted(p.name for p in out.iterdir()) == ['checkpoint.pth', 'notes.txt']
+
+
+def test_convert_failing_midway_leaves_nothing(converted, capsys, monkeypatch, tmp_path):
+    checkpoint, _, _ = converted
+
+    def disk_full(*args):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr('timm_epsa.convert.verify_export', disk_full)
+    status, _, err = run_cli(capsys, 'convert', checkpoint, tmp_path / 'out', '--model', 'epsanet50')
+    assert status == 1
+    assert_one_line_error(err, 'No space left on device')
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('existing', [False, True], ids=['new-folder', 'force-over-old-folder'])
+def test_convert_killed_midway_leaves_no_partial_folder(converted, tmp_path, child_env, existing):
+    """SIGKILL once the new folder is written but not yet in place: OUT_DIR is absent, or with
+    --force still the old one, whole."""
+    checkpoint, _, _ = converted
+    out = tmp_path / 'out'
+    if existing:
+        out.mkdir()
+        (out / 'old.txt').write_text('old')
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import timm_epsa.convert
+        timm_epsa.convert.verify_export = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        from timm_epsa.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    result = subprocess.run(
+        [sys.executable, '-c', script, 'convert', str(checkpoint), str(out), '--model', 'epsanet50', '--force'],
+        env=child_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    if existing:
+        assert [p.name for p in out.iterdir()] == ['old.txt']
+    else:
+        assert not out.exists()
+    partial, = tmp_path.glob('.out.*.partial')  # the killed run's work, hidden beside OUT_DIR
+    assert sorted(p.name for p in partial.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+
+def test_convert_force_replaces_only_with_a_complete_folder(converted, capsys, tmp_path):
+    checkpoint, folder, _ = converted
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'old.txt').write_text('old')
+    status, stdout, _ = run_cli(capsys, 'convert', checkpoint, out, '--model', 'epsanet50', '--force', '--ema')
+    assert status == 0 and "verified" in stdout, capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert [p.name for p in tmp_path.iterdir()] == ['out']
+    ema = torch.load(checkpoint, weights_only=False)['state_dict_ema']
+    tensors = safetensors.torch.load_file(out / 'model.safetensors')
+    assert all(torch.equal(tensors[k], v) for k, v in ema.items())
+
+
+class _FakeHfApi:
+    """Records what push asks of the Hub."""
+    calls = []
+
+    def __init__(self, **kwargs):
+        pass
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(('create_repo', repo_id, private))
+        return argparse.Namespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, branch, exist_ok):
+        self.calls.append(('create_branch', repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, revision, commit_message):
+        self.calls.append(('upload_folder', repo_id, Path(folder_path), revision))
+        return argparse.Namespace(oid='0123abcd' * 5, commit_url=f'https://huggingface.co/{repo_id}/commit/0123abcd')
+
+
+@pytest.fixture
+def fake_hub_api(monkeypatch):
+    monkeypatch.setattr('timm_epsa.publish.HfApi', _FakeHfApi)
+    _FakeHfApi.calls = []
+    return _FakeHfApi.calls
+
+
+def test_push_uploads_the_folder_and_prints_the_commit(converted, capsys, fake_hub_api):
+    _, folder, _ = converted
+    status, out, _ = run_cli(capsys, 'push', folder, 'timm-epsa/epsanet50.in1k', '--private', '--revision', 'v1')
+    assert status == 0
+    assert fake_hub_api == [
+        ('create_repo', 'timm-epsa/epsanet50.in1k', True),
+        ('create_branch', 'timm-epsa/epsanet50.in1k', 'v1'),
+        ('upload_folder', 'timm-epsa/epsanet50.in1k', folder, 'v1'),
+    ]
+    assert f"timm.create_model('hf-hub:timm-epsa/epsanet50.in1k@{'0123abcd' * 5}', pretrained=True)" in out
+
+
+def test_push_refuses_before_contacting_the_hub(converted, capsys, tmp_path, fake_hub_api):
+    _, folder, _ = converted
+    status, _, err = run_cli(capsys, 'push', folder, 'me/epsanet50.in1k')
+    assert status == 1
+    assert_one_line_error(err, "written for 'timm-epsa/epsanet50.in1k'", '--repo-id me/epsanet50.in1k')
+    status, _, err = run_cli(capsys, 'push', tmp_path, 'me/epsanet50.in1k')
+    assert status == 1
+    assert_one_line_error(err, 'not a folder made by `timm-epsa convert`', 'model.safetensors')
+    assert fake_hub_api == []
+
+
+def test_info_lists_variants_repos_and_cache(converted, hub, capsys):
+    status, out, _ = run_cli(capsys, 'info')
+    assert status == 0
+    for row in ('epsanet50         22.56       3.60   224x224  epsanet50.in1k         timm-epsa/epsanet50.in1k',
+                'epsanet101_large  53.74       9.67', 'not cached', 'Hub namespace: timm-epsa'):
+        assert row in out, out
+
+    _, folder, _ = converted
+    hub.serve('timm-epsa/epsanet50.in1k', folder)
+    timm.create_model('epsanet50', pretrained=True)
+    status, out, _ = run_cli(capsys, 'info', 'epsanet50.in1k')
+    assert status == 0
+    assert 'epsanet101' not in out
+    assert 'hf-cache/models--timm-epsa--epsanet50.in1k/snapshots/' in out
+
+
+@pytest.mark.parametrize('name', ['epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large'])
+def test_hub_cards_are_the_rendered_template(capsys, monkeypatch, name):
+    """hub_cards/ holds each variant's card as `timm-epsa card` renders it (hub_cards/README.md says
+    how to regenerate them after changing the template)."""
+    monkeypatch.delenv(NAMESPACE_ENV, raising=False)
+    status, out, _ = run_cli(capsys, 'card', name)
+    assert status == 0
+    assert out == (REPO / 'hub_cards' / f'{name}.md').read_text(encoding='utf-8')
+    assert ('This Large variant differs from the paper' in out) == name.endswith('_large')
+
+
+@pytest.mark.parametrize('command', [[], ['convert'], ['push'], ['info'], ['card']])
+def test_help_everywhere(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, '--help'])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: timm-epsa {' '.join(command)}".rstrip())
+
+
+def test_invalid_namespace_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv(NAMESPACE_ENV, 'my org')
+    status, _, err = run_cli(capsys, 'info')
+    assert status == 1
+    assert_one_line_error(err, f"{NAMESPACE_ENV}='my org' is not a Hugging Face user or organisation name")
+
+
+def test_unknown_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(['info', 'resnet50'])
+    assert exit_.value.code == 2
+    assert "unknown model 'resnet50'; choose from epsanet50" in capsys.readouterr().err

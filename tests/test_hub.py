@@ -1,0 +1,203 @@
+"""Pretrained weights from the Hub: through a loopback stand-in for it (tests/hub_stub.py), serving
+a folder made by ``timm-epsa convert``."""
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import constants
+
+import timm_epsa  # noqa: F401  registers the models
+from timm_epsa.hub import NAMESPACE_ENV, PretrainedWeightsError, hub_namespace
+
+pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+REPO = 'timm-epsa/epsanet50.in1k'  # where the registered cfg of epsanet50 looks
+
+
+@pytest.fixture
+def x():
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _files_requested(hub):
+    return {path.rsplit('/', 1)[-1] for _, path in hub.requests if '/resolve/' in path}
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_pretrained_comes_from_the_hub_then_from_the_cache_offline(converted, hub, x):
+    _, folder, source = converted
+    hub.serve(REPO, folder)
+    expected = _outputs(source, x)
+
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True), x), expected)
+    assert torch.equal(_outputs(timm.create_model(f'hf-hub:{REPO}', pretrained=True), x), expected)
+    local_file = dict(file=str(folder / 'model.safetensors'))
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=local_file), x),
+                       expected)
+    assert _files_requested(hub) == {'model.safetensors', 'config.json'}
+
+    hub.stop()
+    constants.HF_HUB_OFFLINE = True  # restored by the hub fixture
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True), x), expected)
+
+
+def test_namespace_variable_selects_the_repo(converted, hub, tmp_path, child_env):
+    """Read at registration, so checked in a new interpreter; the stub serves only testorg's repo."""
+    _, folder, source = converted
+    hub.serve('testorg/epsanet50.in1k', folder)
+    loaded = tmp_path / 'loaded.safetensors'
+    script = textwrap.dedent(f"""
+        import safetensors.torch, timm, timm_epsa
+        model = timm.create_model('epsanet50', pretrained=True)
+        assert model.pretrained_cfg['hf_hub_id'] == 'testorg/epsanet50.in1k', model.pretrained_cfg['hf_hub_id']
+        safetensors.torch.save_file(model.state_dict(), {str(loaded)!r})
+    """)
+    env = {**child_env, **hub.env(tmp_path / 'hf-home'), NAMESPACE_ENV: 'testorg'}
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tensors = safetensors.torch.load_file(loaded)
+    assert tensors.keys() == source.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in source.state_dict().items())
+
+
+@pytest.mark.parametrize('value', ['my org', 'org/sub', '-org', 'org.'])
+def test_invalid_namespace_is_refused_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(NAMESPACE_ENV, value)
+    with pytest.raises(ValueError, match=f'{NAMESPACE_ENV}={value!r} is not a Hugging Face user or organisation'):
+        hub_namespace()
+
+
+def test_invalid_namespace_costs_pretrained_weights_only(child_env):
+    """The models still register; weights from their repos are refused, before any download."""
+    script = textwrap.dedent("""
+        import timm, timm_epsa
+        timm.create_model('epsanet50', layers=(1, 1, 1, 1))
+        try:
+            timm.create_model('epsanet50', pretrained=True)
+        except timm_epsa.hub.PretrainedWeightsError as e:
+            print(e)
+    """)
+    env = {**child_env, NAMESPACE_ENV: 'my org', 'HF_HUB_OFFLINE': '1'}
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{NAMESPACE_ENV}='my org' is not a Hugging Face user or organisation name")
+
+
+def test_namespace_defaults_to_the_project_and_accepts_any_valid_name(monkeypatch):
+    monkeypatch.delenv(NAMESPACE_ENV, raising=False)
+    assert hub_namespace() == 'timm-epsa'
+    monkeypatch.setenv(NAMESPACE_ENV, 'my-lab_2.0')
+    assert hub_namespace() == 'my-lab_2.0'
+
+
+def test_num_classes_in_chans_and_features_adapt_the_hub_weights(converted, hub, x):
+    _, folder, source = converted
+    hub.serve(REPO, folder)
+    source_tensors = source.state_dict()
+
+    ten = timm.create_model('epsanet50', pretrained=True, num_classes=10)
+    assert ten.fc.weight.shape == (10, 2048)
+    assert not torch.equal(ten.fc.weight, source_tensors['fc.weight'][:10])
+    assert all(torch.equal(v, source_tensors[k]) for k, v in ten.state_dict().items() if not k.startswith('fc.'))
+
+    gray = timm.create_model('epsanet50', pretrained=True, in_chans=1)
+    assert torch.equal(gray.conv1.weight, source_tensors['conv1.weight'].sum(dim=1, keepdim=True))
+    assert all(torch.equal(v, source_tensors[k]) for k, v in gray.state_dict().items() if k != 'conv1.weight')
+
+    backbone = timm.create_model('epsanet50', pretrained=True, features_only=True, out_indices=(4,))
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(x)[0], source.forward_features(x))
+
+
+def _pickle_only_repo(folder, tmp_path, payload):
+    """config.json beside a pytorch_model.bin that runs code when unpickled."""
+    repo = tmp_path / 'pickle-only'
+    repo.mkdir()
+    shutil.copy(folder / 'config.json', repo)
+    torch.save({'weights': payload}, repo / 'pytorch_model.bin')
+    return repo
+
+
+def _truncated_repo(folder, tmp_path, payload):
+    repo = tmp_path / 'truncated'
+    shutil.copytree(folder, repo)
+    data = (folder / 'model.safetensors').read_bytes()
+    (repo / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    return repo
+
+
+def _resnet_repo(folder, tmp_path, payload):
+    repo = tmp_path / 'resnet'
+    shutil.copytree(folder, repo)
+    safetensors.torch.save_file(timm.create_model('resnet50').state_dict(), repo / 'model.safetensors')
+    return repo
+
+
+WAYS_OUT = [
+    'timm-epsa convert', 'timm-epsa push', NAMESPACE_ENV, r"pretrained_cfg_overlay=dict\(hf_hub_id=",
+    r"pretrained_cfg_overlay=dict\(file=",
+]
+
+
+@pytest.mark.parametrize('make_repo, model_name, kwargs, messages', [
+    (None, 'epsanet50', {},
+     ["No weights are published at Hub repo 'timm-epsa/epsanet50.in1k'", 'does not exist or is private', *WAYS_OUT]),
+    (None, 'epsanet101_large', dict(pretrained_cfg_overlay=dict(hf_hub_id='someone/elsewhere')),
+     ["No weights are published at Hub repo 'someone/elsewhere'", *WAYS_OUT]),
+    (_pickle_only_repo, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_id='lab/pickle-only')),
+     ["No weights are published at Hub repo 'lab/pickle-only'", 'it has no model.safetensors', 'never unpickled',
+      *WAYS_OUT]),
+    (_pickle_only_repo, 'hf-hub:lab/pickle-only', {}, ['it has no model.safetensors', 'never unpickled']),
+    (None, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_filename='pytorch_model.bin')),
+     ["hf_hub_filename='pytorch_model.bin'", 'only as safetensors', *WAYS_OUT]),
+    (_truncated_repo, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_id='lab/truncated')),
+     ["The model.safetensors in Hub repo 'lab/truncated' is not a valid safetensors file", 'upload it again']),
+    (_resnet_repo, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_id='lab/resnet')),
+     ["The weights in Hub repo 'lab/resnet' do not fit epsanet50", r'missing: layer1\.0\.conv2\.conv_1\.weight',
+      r'unexpected: layer1\.0\.conv2\.weight \(64, 64, 3, 3\)', *WAYS_OUT]),
+    # timm drops the classifier and loads non-strictly here: the backbone must be checked all the same
+    (_resnet_repo, 'epsanet50', dict(num_classes=10, pretrained_cfg_overlay=dict(hf_hub_id='lab/resnet')),
+     ['do not fit epsanet50', r'missing: layer1\.0\.conv2\.conv_1\.weight']),
+    (_resnet_repo, 'epsanet50', dict(features_only=True, pretrained_cfg_overlay=dict(hf_hub_id='lab/resnet')),
+     ['do not fit epsanet50']),
+])
+def test_unusable_hub_weights_fail_with_a_clear_error(
+        converted, hub, tmp_path, code_in_pickle, make_repo, model_name, kwargs, messages):
+    _, folder, _ = converted
+    payload, marker = code_in_pickle
+    if make_repo is not None:
+        repo = make_repo(folder, tmp_path, payload)
+        hub.serve(f'lab/{repo.name}', repo)
+    with pytest.raises(PretrainedWeightsError) as error:
+        timm.create_model(model_name, pretrained=True, **kwargs)
+    for message in messages:
+        assert error.match(message)
+    assert not marker.exists()
+    assert 'pytorch_model.bin' not in _files_requested(hub)
+
+
+def test_offline_without_a_cached_copy_says_so(hub):
+    constants.HF_HUB_OFFLINE = True  # restored by the hub fixture
+    with pytest.raises(PretrainedWeightsError, match=(
+            r"Cannot fetch model.safetensors of Hub repo 'timm-epsa/epsanet50.in1k': HF_HUB_OFFLINE is set "
+            r'and it is not in the local cache')):
+        timm.create_model('epsanet50', pretrained=True)
+    assert not _files_requested(hub)
+
+
+def test_the_filter_refuses_a_local_checkpoint_for_another_architecture(tmp_path):
+    """Without the Hub the mismatch error is the checkpoint's own: it names the tensors."""
+    path = tmp_path / 'resnet.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet50').state_dict(), path)
+    with pytest.raises(RuntimeError, match=r'the checkpoint does not fit epsanet50: .*layer1\.0\.conv2\.conv_1'):
+        timm.create_model('epsanet50', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))

@@ -1,0 +1,94 @@
+"""Model cards for the Hub: the package's ``hub_cards/model_card.md`` rendered for one variant.
+
+One Jinja template serves the four variants; what differs between them (title, the paper's row,
+whether it is a Large variant) is in ``hub_cards/variants.json`` beside it, and what can be
+measured (parameters, MACs, PSA layout) is measured. The repo's top-level ``hub_cards/`` holds the
+four cards as rendered here. The YAML header is written by huggingface_hub's
+``ModelCardData``, so its keys and its ``model-index`` are the ones the Hub reads.
+"""
+import json
+from importlib.resources import files
+from typing import Any, Dict, Mapping, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .measure import ModelFacts
+
+__all__ = ['card_repo_id', 'render_model_card', 'variant_info']
+
+_CARDS = files('timm_epsa') / 'hub_cards'
+_TITLE = '# Model card for '  # the template's first heading, followed by the repo id
+
+
+def variant_info() -> Dict[str, Dict[str, Any]]:
+    """Title, the paper's ImageNet figures and the Large flag of every variant, by model name."""
+    return json.loads((_CARDS / 'variants.json').read_text(encoding='utf-8'))
+
+
+def render_model_card(
+        model_name: str,
+        repo_id: str,
+        facts: ModelFacts,
+        pretrained_cfg: Mapping[str, Any],
+        top1: Optional[float] = None,
+        top5: Optional[float] = None,
+        weights: Optional[str] = None,
+        train_args: Optional[str] = None,
+) -> str:
+    """The README.md of ``repo_id`` holding ``model_name`` weights.
+
+    Args:
+        facts: measured parameters, MACs and PSA layout of ``model_name``.
+        pretrained_cfg: the cfg the weights are published with (input size, crop, interpolation).
+        top1, top5: ImageNet-1k validation accuracy in percent; they become the card's ``model-index``.
+        weights: one line on where the weights come from (checkpoint kind, epoch, EMA).
+        train_args: the training command line the checkpoint records.
+    """
+    variants = variant_info()
+    metrics = [(value, kind, name) for value, kind, name in (
+        (top1, 'accuracy', 'Top-1 accuracy (%)'),
+        (top5, 'top_5_accuracy', 'Top-5 accuracy (%)'),
+    ) if value is not None]
+    card_data = ModelCardData(
+        library_name='timm',
+        license='apache-2.0',
+        tags=['image-classification', 'timm'],
+        datasets=['imagenet-1k'],
+        pipeline_tag='image-classification',
+        model_name=repo_id if metrics else None,
+        eval_results=[
+            EvalResult(
+                task_type='image-classification',
+                dataset_type='imagenet-1k',
+                dataset_name='ImageNet-1k',
+                dataset_split='validation',
+                metric_type=kind,
+                metric_name=name,
+                metric_value=value,
+            ) for value, kind, name in metrics
+        ] or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=(_CARDS / 'model_card.md').read_text(encoding='utf-8'),
+        model_name=model_name,
+        repo_id=repo_id,
+        variant=variants[model_name],
+        variants=variants,
+        depth=''.join(c for c in model_name if c.isdigit()),
+        facts=facts,
+        cfg=pretrained_cfg,
+        top1=top1,
+        top5=top5,
+        weights=weights,
+        train_args=train_args,
+    )
+    return str(card)
+
+
+def card_repo_id(card: str) -> Optional[str]:
+    """The repo id a rendered card was written for (its usage examples name it), None if not one of ours."""
+    for line in card.splitlines():
+        if line.startswith(_TITLE):
+            return line[len(_TITLE):].strip()
+    return None

@@ -1,0 +1,167 @@
+"""Reading training checkpoints without running their code, and saying exactly how one fails to fit.
+
+A ``.pth.tar`` is a pickle, and unpickling a stranger's file can run anything. Checkpoints are read
+with ``torch.load(weights_only=True)``, which builds only tensors and plain containers, plus the one
+harmless class timm's ``train.py`` stores in them (``argparse.Namespace``, its ``args``).
+
+The formats understood are the official ``main.py`` (``state_dict`` with ``module.`` prefixes,
+``best_prec1``), timm's ``train.py`` (``state_dict``, optional ``state_dict_ema``, ``arch``,
+``epoch``, ``metric``, ``args``), a bare state dict, and a ``.safetensors`` file.
+"""
+import argparse
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from timm.models import clean_state_dict
+
+__all__ = [
+    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'read_checkpoint', 'load_file_safely',
+]
+
+# Types a weights_only unpickler may build beyond tensors and builtin containers.
+SAFE_PICKLE_GLOBALS = [argparse.Namespace]
+# How many keys of each kind a mismatch error names before summarising the rest.
+_MAX_LISTED = 8
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read safely, or holds no weights this package can use."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state dict that is not for the model it is loaded into; ``details`` lists the differences."""
+
+    def __init__(self, what: str, architecture: str, details: str):
+        super().__init__(f'{what} does not fit {architecture}: {details}')
+        self.details = details
+
+
+@dataclass
+class Checkpoint:
+    """The weights of a checkpoint and what its training script recorded beside them."""
+    state_dict: Dict[str, torch.Tensor]
+    kind: str  # which script wrote it, in words
+    ema: bool  # whether ``state_dict`` holds the EMA weights
+    has_ema: bool
+    arch: Optional[str] = None  # model name as the training script saved it
+    epoch: Optional[int] = None
+    metric: Optional[float] = None  # validation metric the training script recorded
+    metric_name: Optional[str] = None
+    args: Optional[argparse.Namespace] = None  # timm train.py's command line
+
+
+def load_file_safely(path: Union[str, Path]) -> Any:
+    """Load a safetensors file, or a pickle without letting it build anything but data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such file')
+    if path.suffix == '.safetensors':
+        try:
+            return safetensors.torch.load_file(path, device='cpu')
+        except safetensors.SafetensorError as e:
+            raise CheckpointError(f'{path} is not a valid safetensors file: {e}') from e
+    try:
+        with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path}: refusing to unpickle it, it needs {_unsafe_globals(path)}, which could run code; '
+            f'only tensors, plain containers and argparse.Namespace are allowed (torch.load weights_only=True)'
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {_first_line(e)}') from e
+
+
+def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
+    """Read the weights (the EMA copy with ``ema``) and training record of a checkpoint file."""
+    content = load_file_safely(path)
+    if not isinstance(content, dict):
+        raise CheckpointError(f'{path} holds a {type(content).__name__}, not a state dict or training checkpoint')
+    has_ema = isinstance(content.get('state_dict_ema'), dict)
+    if ema and not has_ema:
+        raise CheckpointError(f'{path} holds no EMA weights (no state_dict_ema); convert it without --ema')
+    state_dict = content['state_dict_ema'] if ema else content.get('state_dict', content)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(state_dict).__name__}, not a state dict")
+    state_dict = clean_state_dict(state_dict)
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f'{path}: not a state dict, these entries are not tensors: {_listed(not_tensors)}')
+
+    args = content.get('args') if isinstance(content.get('args'), argparse.Namespace) else None
+    if 'best_prec1' in content:
+        kind, metric, metric_name = 'official main.py checkpoint', content['best_prec1'], 'top1'
+    else:  # timm train.py records the metric it selects the best checkpoint by
+        metric, metric_name = content.get('metric'), getattr(args, 'eval_metric', None)
+        if Path(path).suffix == '.safetensors':
+            kind = 'safetensors file'
+        elif args is not None:
+            kind = 'timm train.py checkpoint'
+        else:
+            kind = 'checkpoint' if 'state_dict' in content else 'state dict'
+    return Checkpoint(
+        state_dict=state_dict,
+        kind=kind,
+        ema=ema,
+        has_ema=has_ema,
+        arch=content.get('arch') if isinstance(content.get('arch'), str) else None,
+        epoch=int(content['epoch']) if isinstance(content.get('epoch'), (int, torch.Tensor)) else None,
+        metric=float(metric) if isinstance(metric, (int, float, torch.Tensor)) else None,
+        metric_name=metric_name,
+        args=args,
+    )
+
+
+def check_fits(
+        state_dict: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        what: str,
+        architecture: str,
+        skip_keys: Iterable[str] = (),
+        skip_shapes: Iterable[str] = (),
+) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every tensor that is missing, unexpected or of
+    another shape, so a checkpoint for another architecture is refused with the reason, not loaded
+    half-way. ``skip_keys`` are left out entirely, ``skip_shapes`` only from the shape comparison:
+    the tensors timm adapts itself (classifier, input conv)."""
+    skip_keys, skip_shapes = set(skip_keys), set(skip_shapes)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip_keys}
+    given = {k: tuple(v.shape) for k, v in state_dict.items() if k not in skip_keys}
+    missing = [f'{k} {expected[k]}' for k in expected if k not in given]
+    unexpected = [f'{k} {given[k]}' for k in given if k not in expected]
+    reshaped = [
+        f'{k} {given[k]} vs {expected[k]} in the model'
+        for k in expected if k in given and k not in skip_shapes and given[k] != expected[k]
+    ]
+    problems = [
+        f'{len(keys)} {kind}: {_listed(keys)}'
+        for kind, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointMismatchError(what, architecture, '; '.join(problems))
+
+
+def _listed(items: List[str]) -> str:
+    shown = ', '.join(items[:_MAX_LISTED])
+    return shown if len(items) <= _MAX_LISTED else f'{shown}, ... ({len(items) - _MAX_LISTED} more)'
+
+
+def _unsafe_globals(path: Path) -> str:
+    """The globals a pickle would import, as torch reports them, for the error message."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or an older torch: the refusal stands, only the detail is lost
+        names = []
+    names = [n for n in names if n not in {f'{t.__module__}.{t.__qualname__}' for t in SAFE_PICKLE_GLOBALS}]
+    return ', '.join(names) if names else 'objects other than tensors'
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

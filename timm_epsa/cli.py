@@ -1,0 +1,189 @@
+"""The ``timm-epsa`` command: convert checkpoints, publish them on the Hub, describe the variants.
+
+Each subcommand is an ``_add_<name>`` function that declares its arguments and the function that
+runs it; listing one in ``COMMANDS`` adds it to the command. This module only parses arguments and
+prints: the work is done in :mod:`timm_epsa.convert`, :mod:`timm_epsa.hub`, :mod:`timm_epsa.cards`
+and :mod:`timm_epsa.measure`. Errors a user can act on print as one line and exit with status 1.
+"""
+import argparse
+import sys
+from typing import Callable, List, Optional, Sequence
+
+from huggingface_hub.errors import HfHubHTTPError
+from timm.models import get_pretrained_cfg, list_pretrained, split_model_name_tag
+
+from .cards import render_model_card
+from .checkpoint import CheckpointError
+from .convert import ConversionError, convert_checkpoint
+from .hub import NAMESPACE_ENV, PretrainedWeightsError, cached_weights, hub_namespace, hub_repo_id
+from .measure import measure_model
+from .models.epsanet import MODEL_NAMES
+from .publish import push_folder
+
+__all__ = ['COMMANDS', 'main']
+
+# What a user can fix: shown as one line, not a traceback.
+USER_ERRORS = (CheckpointError, ConversionError, PretrainedWeightsError, HfHubHTTPError, OSError, ValueError)
+
+
+def _model_name(value: str) -> str:
+    name, _ = split_model_name_tag(value)
+    if name not in MODEL_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
+    return name
+
+
+def _percent(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f'{value} is not a percentage between 0 and 100')
+    return number
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_card_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--top1', type=_percent, metavar='PCT', help='ImageNet-1k validation top-1 accuracy, percent')
+    parser.add_argument('--top5', type=_percent, metavar='PCT', help='ImageNet-1k validation top-5 accuracy, percent')
+    parser.add_argument(
+        '--repo-id', metavar='REPO',
+        help="the Hub repo the card is for, which its usage examples name and push checks (default: "
+             "<namespace>/<model>.in1k, where pretrained=True looks)")
+
+
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'convert',
+        help='turn a training checkpoint into a Hub-ready folder',
+        description='Write OUT_DIR with model.safetensors, timm\'s config.json and a README.md model card, from a '
+                    'checkpoint of the official main.py, of timm\'s train.py, a bare state dict or a safetensors '
+                    'file. Pickles are read with torch.load(weights_only=True): one that would run code is '
+                    'refused. The result is loaded back and compared with the source before it replaces OUT_DIR.',
+    )
+    parser.add_argument('src', metavar='SRC', help='checkpoint file (.pth, .pth.tar, .bin or .safetensors)')
+    parser.add_argument('out_dir', metavar='OUT_DIR', help='folder to write; must be empty or absent unless --force')
+    parser.add_argument('--model', required=True, type=_model_name, metavar='NAME',
+                        help=f"the architecture the weights are for: {', '.join(MODEL_NAMES)}")
+    parser.add_argument('--ema', action='store_true', help="convert the EMA weights (train.py's state_dict_ema)")
+    parser.add_argument('--force', action='store_true',
+                        help='replace a non-empty OUT_DIR, once the new folder is complete')
+    _add_card_args(parser)
+    parser.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    result = convert_checkpoint(
+        args.src, args.out_dir, args.model,
+        ema=args.ema, force=args.force, top1=args.top1, top5=args.top5, repo_id=args.repo_id, log=_log,
+    )
+    print(f'wrote {result.path}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
+          f'{len(result.checkpoint.state_dict)} tensors, verified')
+    print(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'push',
+        help='upload a converted folder to the Hugging Face Hub',
+        description='Upload a folder written by `timm-epsa convert` to REPO_ID, creating the repo if needed. '
+                    'The token comes from `hf auth login` or HF_TOKEN. Prints the commit to pin.',
+    )
+    parser.add_argument('out_dir', metavar='OUT_DIR', help='folder written by timm-epsa convert')
+    parser.add_argument('repo_id', metavar='REPO_ID', help='<user or organisation>/<name>, e.g. me/epsanet50.in1k')
+    parser.add_argument('--private', action='store_true',
+                        help='create the repo private (an existing repo keeps its visibility)')
+    parser.add_argument('--revision', metavar='BRANCH', help='push to this branch (created if needed) instead of main')
+    parser.set_defaults(run=_push)
+
+
+def _push(args: argparse.Namespace) -> None:
+    commit = push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision)
+    print(f'pushed {commit.commit_url}')
+    print(f"pin this commit: timm.create_model('hf-hub:{args.repo_id}@{commit.oid}', pretrained=True)")
+
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'info',
+        help='variants, their size, and where their pretrained weights are expected',
+        description='List the EPSANet variants (or NAME) with parameters and MACs, their pretrained tags, the Hub '
+                    'repo each one loads from and whether its weights are in the local Hub cache.',
+    )
+    parser.add_argument('name', nargs='?', type=_model_name, metavar='NAME', help='one variant, e.g. epsanet50')
+    parser.set_defaults(run=_info)
+
+
+def _info(args: argparse.Namespace) -> None:
+    namespace = hub_namespace()
+    rows = [('model', 'params (M)', 'GMACs', 'input', 'pretrained tag', 'Hub repo', 'local cache')]
+    for name in [args.name] if args.name else MODEL_NAMES:
+        facts = measure_model(name)
+        for tagged in list_pretrained(f'{name}.*'):
+            repo_id = get_pretrained_cfg(tagged).hf_hub_id
+            rows.append((
+                name, f'{facts.params / 1e6:.2f}', f'{facts.macs / 1e9:.2f}', 'x'.join(map(str, facts.input_size[1:])),
+                tagged, repo_id, cached_weights(repo_id) or 'not cached',
+            ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\nHub namespace: {namespace} (set {NAMESPACE_ENV} to use another). "
+          f"timm.create_model('<model>', pretrained=True) downloads the repo's model.safetensors; where none "
+          f"is published it fails and says how to publish your own (timm-epsa convert, timm-epsa push).")
+
+
+def _add_card(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'card',
+        help="print a variant's model card",
+        description='Print the README.md model card of NAME with its measured figures, as convert writes it but '
+                    'without a checkpoint to describe; hub_cards/ holds these for the four variants.',
+    )
+    parser.add_argument('name', type=_model_name, metavar='NAME', help='e.g. epsanet50')
+    _add_card_args(parser)
+    parser.set_defaults(run=_card)
+
+
+def _card(args: argparse.Namespace) -> None:
+    sys.stdout.write(render_model_card(
+        args.name,
+        args.repo_id or hub_repo_id(args.name),
+        measure_model(args.name),
+        get_pretrained_cfg(args.name).to_dict(),
+        top1=args.top1,
+        top5=args.top5,
+    ))
+
+
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_push, _add_info, _add_card]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-epsa',
+        description='EPSANet for timm: convert training checkpoints to Hub-ready safetensors folders, publish '
+                    'them on the Hugging Face Hub, and describe the variants.',
+    )
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        print(f'timm-epsa {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'timm-epsa {args.command}: interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Parameters, MACs and PSA layout of a variant, measured on the meta device (no memory, no weights).
+
+Model cards and ``timm-epsa info`` print these instead of figures typed in by hand, so they cannot
+drift from the code.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ['ModelFacts', 'measure_model']
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    params: int
+    macs: int  # multiply-accumulates of one image at ``input_size``
+    input_size: Tuple[int, int, int]
+    kernel_sizes: Tuple[int, ...]  # of the PSA branches
+    groups: Tuple[int, ...]
+    width_multiplier: float  # bottleneck width relative to ResNet's 64/128/256/512
+
+
+def measure_model(model_name: str) -> ModelFacts:
+    """Measure ``model_name`` at the input size of its default pretrained cfg."""
+    model = timm.create_model(model_name, device='meta')
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.empty(1, *input_size, device='meta'))
+    psa = model.layer1[0].conv2
+    branches = [module for name, module in psa.named_children() if name.startswith('conv_')]
+    return ModelFacts(
+        params=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2,
+        input_size=input_size,
+        kernel_sizes=tuple(conv.kernel_size[0] for conv in branches),
+        groups=tuple(conv.groups for conv in branches),
+        width_multiplier=model.layer1[0].conv1.out_channels / 64,
+    )

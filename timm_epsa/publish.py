@@ -1,0 +1,42 @@
+"""``timm-epsa push``: upload a folder made by ``timm-epsa convert`` to the Hugging Face Hub."""
+from pathlib import Path
+from typing import Optional, Union
+
+from huggingface_hub import CommitInfo, HfApi
+
+from . import __version__
+from .cards import card_repo_id
+from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ['push_folder']
+
+
+def push_folder(
+        folder: Union[str, Path],
+        repo_id: str,
+        private: bool = False,
+        revision: Optional[str] = None,
+) -> CommitInfo:
+    """Upload a folder written by ``timm-epsa convert`` to ``repo_id``, creating the repo (and the
+    ``revision`` branch) if needed; the returned commit is the one to pin."""
+    folder = Path(folder)
+    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a folder made by `timm-epsa convert`: it lacks {', '.join(missing)}")
+    card_repo = card_repo_id((folder / CARD_NAME).read_text(encoding='utf-8'))
+    if card_repo != repo_id:
+        raise ValueError(
+            f'{folder / CARD_NAME} is written for {card_repo!r}, its usage examples would name the wrong repo; '
+            f'convert again with --repo-id {repo_id}')
+    api = HfApi(library_name='timm-epsa', library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
+        revision=revision,
+        commit_message=f'Upload {folder.name} with timm-epsa {__version__}',
+    )
