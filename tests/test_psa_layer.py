@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from naive_epsanet import NaivePSA
+from numerics import assert_grads_close, assert_relative_close
 from timm_epsa.layers import PyramidSqueezeAttention
 
 
@@ -30,25 +31,27 @@ def psa_configs(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(cfg=psa_configs(), batch=st.integers(1, 3), height=st.integers(5, 19), width=st.integers(5, 19),
-       seed=st.integers(0, 2 ** 16))
-def test_psa_matches_naive_reference_forward_and_backward(cfg, batch, height, width, seed):
+       channels_last=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_psa_matches_naive_reference_forward_and_backward(cfg, batch, height, width, channels_last, seed):
+    """In float64, so that any difference is one of algorithm, not of float32 summation order."""
     torch.manual_seed(seed)
-    psa = PyramidSqueezeAttention(**cfg)
-    naive = NaivePSA(**cfg)
+    psa = PyramidSqueezeAttention(**cfg).double()
+    naive = NaivePSA(**cfg).double()
     naive.load_state_dict(psa.state_dict(), strict=True)  # same names as the official PSAModule
 
-    x = torch.randn(batch, cfg['in_chs'], height, width)
+    x = torch.randn(batch, cfg['in_chs'], height, width, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     x_psa, x_naive = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, ref = psa(x_psa), naive(x_naive)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_relative_close(out, ref, rel=1e-12, msg='output')
 
     grad_out = torch.randn_like(ref)
     out.backward(grad_out)
     ref.backward(grad_out)
-    torch.testing.assert_close(x_psa.grad, x_naive.grad, rtol=1e-5, atol=1e-5)
-    naive_params = dict(naive.named_parameters())
-    for name, param in psa.named_parameters():
-        torch.testing.assert_close(param.grad, naive_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert_relative_close(x_psa.grad, x_naive.grad, rel=1e-12, msg='input grad')
+    assert_grads_close({n: p.grad for n, p in psa.named_parameters()},
+                       {n: p.grad for n, p in naive.named_parameters()}, rel=1e-12)
 
 
 def test_branches_are_concatenated_last_to_first():

@@ -15,15 +15,24 @@ ways that trained weights depend on:
 from typing import List, Sequence, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .grouped_conv import grouped_conv2d, prefers_depthwise
+
+# Its device test is data-dependent control flow for torch.fx: keep the call a leaf of fx graphs
+# (fx patches the name in the globals of the module that calls it, so this is the place).
+torch.fx.wrap('grouped_conv2d')
 
 
 class SEWeight(nn.Module):
     """Squeeze-and-excitation gate that returns the weights instead of rescaling its input.
 
     PSA needs the raw per-branch gates so it can normalise them across branches with a softmax.
-    It takes already pooled descriptors of shape (N, C, 1, 1): the caller pools every branch in one
-    go and sends all branches through this one shared module as a single batch.
+    It takes already pooled descriptors of shape (N, C): the caller pools every branch in one go
+    and sends all branches through this one shared module as a single batch. The layers are 1x1
+    convolutions, as in the official code, so their weights load unchanged; they run as the matrix
+    products they are, which costs a fraction of a convolution call.
     """
 
     def __init__(
@@ -46,7 +55,24 @@ class SEWeight(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True, **dd)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(pooled))).sigmoid()
+        x = F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias)
+        x = F.linear(self.act(x), self.fc2.weight.flatten(1), self.fc2.bias)
+        return x.sigmoid()
+
+
+class PSABranchConv(nn.Conv2d):
+    """One PSA branch: a grouped convolution computed by the faster of two equivalent algorithms.
+
+    Same parameters and state-dict entries as ``nn.Conv2d``; only the computation differs (see
+    :mod:`timm_epsa.layers.grouped_conv`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.as_depthwise = prefers_depthwise(self.out_channels // self.groups, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_conv2d(x, self.weight, self.groups, self.stride, self.padding, self.dilation, self.as_depthwise)
 
 
 def _check_psa_args(
@@ -112,7 +138,7 @@ class PyramidSqueezeAttention(nn.Module):
         self.num_branches = len(kernel_sizes)
         self.branch_chs = out_chs // self.num_branches
         for i, (k, g) in enumerate(zip(kernel_sizes, groups)):
-            conv = nn.Conv2d(
+            conv = PSABranchConv(
                 in_chs,
                 self.branch_chs,
                 kernel_size=k,
@@ -134,6 +160,6 @@ class PyramidSqueezeAttention(nn.Module):
         feats = torch.cat(branches, dim=1)
         B, _, H, W = feats.shape
         feats = feats.view(B, self.num_branches, self.branch_chs, H, W)
-        pooled = feats.mean((3, 4)).reshape(B * self.num_branches, self.branch_chs, 1, 1)
+        pooled = feats.mean((3, 4)).reshape(B * self.num_branches, self.branch_chs)
         attn = self.se(pooled).view(B, self.num_branches, self.branch_chs, 1, 1).softmax(dim=1)
         return (feats * attn).reshape(B, self.num_branches * self.branch_chs, H, W)
