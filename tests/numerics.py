@@ -14,6 +14,7 @@ import torch
 def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5,
                           scale: Optional[float] = None, msg: str = '') -> None:
     assert actual.shape == expected.shape, f'{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}'
+    actual, expected = actual.detach(), expected.detach()
     scale = max(float(expected.abs().max()), scale or 0.0, 1e-30)
     error = float((actual - expected).abs().max()) / scale
     assert error <= rel, f'{msg}: max error {error:.2e} of the reference magnitude exceeds {rel:.0e}'

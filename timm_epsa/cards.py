@@ -7,6 +7,7 @@ four cards as rendered here. The YAML header is written by huggingface_hub's
 ``ModelCardData``, so its keys and its ``model-index`` are the ones the Hub reads.
 """
 import json
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Dict, Mapping, Optional
 
@@ -14,10 +15,22 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .measure import ModelFacts
 
-__all__ = ['card_repo_id', 'render_model_card', 'variant_info']
+__all__ = ['CardDataset', 'IMAGENET_1K', 'card_repo_id', 'render_model_card', 'variant_info']
 
 _CARDS = files('timm_epsa') / 'hub_cards'
 _TITLE = '# Model card for '  # the template's first heading, followed by the repo id
+
+
+@dataclass(frozen=True)
+class CardDataset:
+    """The data a card's weights were trained on and its accuracy measured on."""
+    name: str  # as the card's text and its model-index name it
+    id: str  # the model-index dataset type: a Hub dataset id where there is one
+    split: str  # the split the accuracy is measured on
+    on_hub: bool = True  # listed in the card's ``datasets`` (which the Hub links to its dataset pages)
+
+
+IMAGENET_1K = CardDataset('ImageNet-1k', 'imagenet-1k', 'validation')
 
 
 def variant_info() -> Dict[str, Dict[str, Any]]:
@@ -32,6 +45,7 @@ def render_model_card(
         pretrained_cfg: Mapping[str, Any],
         top1: Optional[float] = None,
         top5: Optional[float] = None,
+        dataset: CardDataset = IMAGENET_1K,
         weights: Optional[str] = None,
         train_args: Optional[str] = None,
 ) -> str:
@@ -39,8 +53,8 @@ def render_model_card(
 
     Args:
         facts: measured parameters, MACs and PSA layout of ``model_name``.
-        pretrained_cfg: the cfg the weights are published with (input size, crop, interpolation).
-        top1, top5: ImageNet-1k validation accuracy in percent; they become the card's ``model-index``.
+        pretrained_cfg: the cfg the weights are published with (input size, crop, interpolation, classes).
+        top1, top5: accuracy in percent on ``dataset``; they become the card's ``model-index``.
         weights: one line on where the weights come from (checkpoint kind, epoch, EMA).
         train_args: the training command line the checkpoint records.
     """
@@ -53,15 +67,15 @@ def render_model_card(
         library_name='timm',
         license='apache-2.0',
         tags=['image-classification', 'timm'],
-        datasets=['imagenet-1k'],
+        datasets=[dataset.id] if dataset.on_hub else None,
         pipeline_tag='image-classification',
         model_name=repo_id if metrics else None,
         eval_results=[
             EvalResult(
                 task_type='image-classification',
-                dataset_type='imagenet-1k',
-                dataset_name='ImageNet-1k',
-                dataset_split='validation',
+                dataset_type=dataset.id,
+                dataset_name=dataset.name,
+                dataset_split=dataset.split,
                 metric_type=kind,
                 metric_name=name,
                 metric_value=value,
@@ -80,6 +94,7 @@ def render_model_card(
         cfg=pretrained_cfg,
         top1=top1,
         top5=top5,
+        dataset=dataset,
         weights=weights,
         train_args=train_args,
     )

@@ -4,7 +4,7 @@ Model cards and ``timm-epsa info`` print these instead of figures typed in by ha
 drift from the code.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import timm
 import torch
@@ -23,10 +23,18 @@ class ModelFacts:
     width_multiplier: float  # bottleneck width relative to ResNet's 64/128/256/512
 
 
-def measure_model(model_name: str) -> ModelFacts:
-    """Measure ``model_name`` at the input size of its default pretrained cfg."""
-    model = timm.create_model(model_name, device='meta')
-    input_size = tuple(model.pretrained_cfg['input_size'])
+def measure_model(
+        model_name: str,
+        num_classes: Optional[int] = None,
+        input_size: Optional[Tuple[int, int, int]] = None,
+) -> ModelFacts:
+    """Measure ``model_name`` with ``num_classes`` outputs at ``input_size`` (by default those of its
+    default pretrained cfg), so a fine-tuned model's card describes that model, not ImageNet's."""
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    if input_size is not None:
+        kwargs['in_chans'] = input_size[0]
+    model = timm.create_model(model_name, device='meta', **kwargs).eval()
+    input_size = tuple(input_size or model.pretrained_cfg['input_size'])
     counter = FlopCounterMode(display=False)
     with counter:
         model(torch.empty(1, *input_size, device='meta'))
