@@ -1,4 +1,4 @@
-"""Throughput of EPSANet against the naive reference network and timm's ResNet-50, in one process.
+"""Throughput of EPSANet against the naive reference network and timm's ResNet, in one process.
 
     python benchmarks/bench_epsanet.py                 # epsanet50, CPU, the figures in README
     python benchmarks/bench_epsanet.py --model epsanet101_large --device cuda --dtype bfloat16
@@ -42,13 +42,21 @@ NAIVE_ARGS = {
 FORMATS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
+BASELINES = {  # timm's ResNet of the same depth and bottleneck width: the network each variant modifies
+    'epsanet50': 'resnet50',
+    'epsanet101': 'resnet101',
+    'epsanet50_large': 'wide_resnet50_2',
+    'epsanet101_large': 'wide_resnet101_2',
+}
+
+
 def build_models(model_name: str) -> Dict[str, nn.Module]:
-    """Our model, the naive reference holding the same weights, and timm's ResNet-50."""
+    """Our model, the naive reference holding the same weights, and timm's ResNet of the same depth."""
     torch.manual_seed(0)
     ours = timm.create_model(model_name)
     naive = NaiveEPSANet(**NAIVE_ARGS[model_name])
     naive.load_state_dict(ours.state_dict())
-    return {'ours': ours, 'naive': naive, 'resnet50': timm.create_model('resnet50')}
+    return {'ours': ours, 'naive': naive, BASELINES[model_name]: timm.create_model(BASELINES[model_name])}
 
 
 def sync(device: torch.device) -> None:
@@ -119,7 +127,7 @@ def throughput(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 def peak_memory_mb(kind: str, args: argparse.Namespace) -> float:
     """Peak memory of one training step, in a fresh process so that models don't share a peak."""
     cmd = [sys.executable, __file__, '--model', args.model, '--device', args.device, '--dtype', args.dtype,
-           '--_peak-memory-of', kind]
+           '--train-batch', str(args.train_batch), '--train-size', str(args.train_size), '--_peak-memory-of', kind]
     # glibc then serves every large tensor by mmap and unmaps it on free, so RSS follows live memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072')
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -157,20 +165,22 @@ def measure_peak_memory(kind: str, args: argparse.Namespace) -> None:
     print(json.dumps({'peak_mb': peak - base}))
 
 
-def report(title: str, result: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+def report(title: str, result: Dict[str, Dict[str, float]]) -> None:
     best = {kind: max(fmts.values()) for kind, fmts in result.items()}
     print(f'\n{title}')
-    print(f'  {"model":<10} {"contiguous":>12} {"channels_last":>14} {"best img/s":>11}')
+    print(f'  {"model":<16} {"contiguous":>12} {"channels_last":>14} {"best img/s":>11}')
     for kind, fmts in result.items():
-        print(f'  {kind:<10} {fmts["contiguous"]:>12.1f} {fmts["channels_last"]:>14.1f} {best[kind]:>11.1f}')
-    print(f'  ours / resnet50 = {best["ours"] / best["resnet50"]:.2f}x   '
+        print(f'  {kind:<16} {fmts["contiguous"]:>12.1f} {fmts["channels_last"]:>14.1f} {best[kind]:>11.1f}')
+    resnet = next(kind for kind in best if kind not in ('ours', 'naive'))
+    print(f'  ours / {resnet} = {best["ours"] / best[resnet]:.2f}x   '
           f'ours / naive = {best["ours"] / best["naive"]:.2f}x')
-    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='epsanet50', choices=sorted(NAIVE_ARGS))
+    parser.add_argument('--model', default='epsanet50', choices=sorted(NAIVE_ARGS),
+                        help='the baseline is timm\'s ResNet of the same depth and width: ' +
+                        ', '.join(f'{k} -> {v}' for k, v in BASELINES.items()))
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     parser.add_argument('--batches', default='1,8', help='inference batch sizes, comma separated')
@@ -197,7 +207,7 @@ def main() -> None:
         report(f'inference, batch {batch}, {args.size}px', result)
     result = throughput(args, device, dtype, train=True, batch=args.train_batch, size=args.train_size)
     report(f'training step (forward + backward), batch {args.train_batch}, {args.train_size}px', result)
-    peaks = {kind: peak_memory_mb(kind, args) for kind in ('ours', 'naive', 'resnet50')}
+    peaks = {kind: peak_memory_mb(kind, args) for kind in ('ours', 'naive', BASELINES[args.model])}
     print('  peak memory of a training step (MB above the model at rest): ' +
           ', '.join(f'{k} {v:.0f}' for k, v in peaks.items()) +
           f'; ours / naive = {peaks["ours"] / peaks["naive"]:.2f}x')
