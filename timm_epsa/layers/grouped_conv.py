@@ -46,7 +46,6 @@ def grouped_conv2d(
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
-
 def grouped_conv_as_depthwise(
         x: torch.Tensor,
         weight: torch.Tensor,
