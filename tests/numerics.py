@@ -23,6 +23,6 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 def assert_grads_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rel: float = 1e-5) -> None:
     """Every gradient within ``rel`` of the largest reference gradient."""
     assert actual.keys() == expected.keys()
-    scale = max(float(g.abs().max()) for g in expected.values())
+    scale = max(float(g.detach().abs().max()) for g in expected.values())
     for name, grad in expected.items():
         assert_relative_close(actual[name], grad, rel=rel, scale=scale, msg=name)

@@ -70,6 +70,47 @@ def test_epsanet_stage1_psa_equals_naive_in_forward_and_backward(memory_format):
                        {n: p.grad for n, p in naive.named_parameters()})
 
 
+def test_second_order_gradients_and_torch_func_equal_naive():
+    """Double backward (gradient penalties) and ``torch.func.grad`` go through the depthwise path's
+    own backward; in float64 they must equal the naive reference's."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, 64).double()  # branches with 2 and 1 outputs per group: depthwise path
+    naive = NaivePSA(32, 64).double()
+    naive.load_state_dict(psa.state_dict())
+    x = torch.randn(2, 32, 9, 9, dtype=torch.float64)
+
+    def penalty_grads(module):
+        x_ = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(module(x_).square().sum(), x_, create_graph=True)
+        names, params = zip(*module.named_parameters())
+        return dict(zip(('input', *names), torch.autograd.grad(grad_x.square().sum(), [x_, *params])))
+
+    assert_grads_close(penalty_grads(psa), penalty_grads(naive), rel=1e-10)
+
+    def func_grads(module):
+        params = dict(module.named_parameters())
+        return torch.func.grad(lambda p: torch.func.functional_call(module, p, (x,)).square().sum())(params)
+
+    assert_grads_close(func_grads(psa), func_grads(naive), rel=1e-10)
+
+
+def test_bf16_autocast_trains_the_layer_on_float32_input():
+    """Under CPU autocast the branches run in bfloat16 on a float32 input; the gradients come back
+    in float32 and agree with the naive reference to bfloat16 precision."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(64, 64)
+    naive = NaivePSA(64, 64)
+    naive.load_state_dict(psa.state_dict())
+    x = torch.randn(2, 64, 14, 14)
+    for module in (psa, naive):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = module(x)
+        out.float().square().sum().backward()
+    grads = {n: p.grad for n, p in psa.named_parameters()}
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert_grads_close(grads, {n: p.grad for n, p in naive.named_parameters()}, rel=2e-2)
+
+
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_psa_output_keeps_the_input_memory_format(memory_format):
     """A channels_last network must stay channels_last through PSA (a stray NCHW output makes every

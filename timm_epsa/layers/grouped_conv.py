@@ -98,18 +98,27 @@ def _depthwise_conv2d_with_fast_weight_grad(
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
-    """Depthwise convolution with the weight gradient of :func:`depthwise_weight_grad`."""
+    """Depthwise convolution with the weight gradient of :func:`depthwise_weight_grad`.
+
+    The backward is made of differentiable ops, so double backward works, and ``setup_context``
+    keeps it usable under ``torch.func`` transforms.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.conv_args = (stride, padding, dilation)
+    def forward(x, weight, stride, padding, dilation):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, weight, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args = (stride, padding, dilation)
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        # Under autocast the forward ran in grad_out's dtype, whatever x and weight were saved in;
+        # autograd casts the gradients back to the dtypes of x and weight.
+        x, weight = (t.to(grad_out.dtype) for t in ctx.saved_tensors)
         stride, padding, dilation = ctx.conv_args
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
