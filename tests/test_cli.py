@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 
 import timm_epsa  # noqa: F401  registers the models
 from timm.models import save_for_hf
+from cli_run import assert_one_line_error, run_cli
 from timm_epsa import cli
 from timm_epsa.checkpoint import CheckpointError, read_checkpoint
 from timm_epsa.hub import NAMESPACE_ENV
@@ -23,22 +24,6 @@ pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for th
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys, *args):
-    """Run ``timm-epsa ARGS`` in this process: (exit status, stdout, stderr)."""
-    status = cli.main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_line_error(err, *fragments):
-    """stderr ends with one ``timm-epsa COMMAND: error: ...`` line (after any progress lines), no traceback."""
-    lines = err.strip().splitlines()
-    assert 'Traceback' not in err and [line for line in lines if ': error: ' in line] == lines[-1:], err
-    assert lines[-1].startswith('timm-epsa '), err
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 def test_convert_writes_what_timm_writes_and_a_card(converted, tmp_path):
@@ -103,6 +88,19 @@ def test_convert_refuses_a_pickle_that_would_run_code(capsys, tmp_path, code_in_
 
     torch.load(tmp_path / 'evil.pth', weights_only=False)  # the test's pickle is evil indeed
     assert marker.exists()
+
+
+@pytest.mark.parametrize('content', [
+    b'hello world, not a checkpoint\n',
+    bytes(range(7, 107)),  # not a pickle
+    b'\x80\x02}q\x00(X\x01\x00\x00\x00a',  # a pickle cut off midway
+])
+def test_convert_reports_a_damaged_file_as_unreadable(capsys, tmp_path, content):
+    (tmp_path / 'damaged.pth.tar').write_bytes(content)
+    status, _, err = run_cli(capsys, 'convert', tmp_path / 'damaged.pth.tar', tmp_path / 'out', '--model', 'epsanet50')
+    assert status == 1
+    assert_one_line_error(err, 'damaged.pth.tar is not a readable PyTorch checkpoint')
+    assert 'refusing' not in err and not (tmp_path / 'out').exists()
 
 
 def test_convert_refuses_a_checkpoint_for_another_architecture(capsys, tmp_path):
@@ -284,6 +282,14 @@ def test_invalid_namespace_is_one_line(capsys, monkeypatch):
     status, _, err = run_cli(capsys, 'info')
     assert status == 1
     assert_one_line_error(err, f"{NAMESPACE_ENV}='my org' is not a Hugging Face user or organisation name")
+
+
+def test_card_accuracy_must_be_a_percentage(capsys):
+    for value, problem in (('abc', "'abc' is not a number"), ('101', '101 is not a percentage')):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(['card', 'epsanet50', '--top1', value])
+        assert exit_.value.code == 2
+        assert f'argument --top1: {problem}' in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_usage_error(capsys):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from naive_epsanet import NaivePSA
+from naive_epsanet import NaivePSA, NaiveSEWeight
 from numerics import assert_grads_close, assert_relative_close
-from timm_epsa.layers import PyramidSqueezeAttention
+from timm_epsa.layers import PyramidSqueezeAttention, SEWeight
 
 
 @st.composite
@@ -63,6 +63,19 @@ def test_branches_are_concatenated_last_to_first():
     out = psa(torch.randn(1, 16, 12, 12))
     assert out[:, :4].abs().sum() > 0
     assert out[:, 4:].abs().sum() == 0
+
+
+def test_se_weight_gates_pooled_descriptors_like_the_official_module():
+    """SEWeight takes what the official module computes after its pooling, (N, C, 1, 1), or the same
+    flattened to (N, C), and returns the official gates in that shape."""
+    torch.manual_seed(0)
+    se = SEWeight(16, reduction=4)
+    naive = NaiveSEWeight(16, reduction=4)
+    naive.load_state_dict(se.state_dict())
+    pooled = torch.randn(2, 16, 1, 1)
+    expected = naive(pooled)
+    torch.testing.assert_close(se(pooled), expected)
+    torch.testing.assert_close(se(pooled.flatten(1)), expected.flatten(1))
 
 
 def test_official_parameter_names_and_shapes():

@@ -1,7 +1,6 @@
 """``timm-epsa quickstart``: trains on the digits, exports, reloads identically; fine-tuning with timm's factories."""
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 from timm.data import create_dataset, resolve_data_config
 
 import timm_epsa  # noqa: F401  registers the models
+from cli_run import assert_one_line_error, run_cli
 from timm_epsa import cli, quickstart
 from timm_epsa.quickstart import (
     HELD_OUT, LABELS, QuickstartError, Recipe, create_digits_model, create_loaders, create_training, load_digits_split,
@@ -37,19 +37,8 @@ def tiny_run(tmp_path_factory):
     return result, root / 'digits'
 
 
-def run_cli(capsys, *args):
-    """``timm-epsa quickstart ARGS`` in this process: (exit status, stdout, stderr)."""
-    status = cli.main(['quickstart', *map(str, args)])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def error_line(err):
-    """The one error line ending stderr (after any progress lines), there being no other nor a traceback."""
-    lines = err.strip().splitlines()
-    assert 'Traceback' not in err and [line for line in lines if ': error: ' in line] == lines[-1:], err
-    assert lines[-1].startswith('timm-epsa quickstart: error: '), err
-    return lines[-1]
+def run_quickstart_cli(capsys, *args):
+    return run_cli(capsys, 'quickstart', *args)
 
 
 def held_out_logits(model, recipe, digits):
@@ -82,7 +71,7 @@ def test_run_exports_a_folder_that_reloads_to_identical_logits(tiny_run, digits)
     evaluation, = card.data.eval_results
     assert (evaluation.dataset_type, evaluation.metric_value) == ('sklearn-digits', round(100 * result.accuracy, 2))
     for text in ("trained on scikit-learn's handwritten digits", 'held-out (360 images) set at 16x16',
-                 'timm-epsa quickstart --epochs 1 --img-size 16 --seed 0', '(1, 10) logits'):
+                 'timm-epsa quickstart --epochs 1 --img-size 16 --seed 0 --train-images 64', '(1, 10) logits'):
         assert text in card.text, text
 
 
@@ -105,7 +94,7 @@ def test_force_replaces_a_run_with_an_identical_one_and_the_seed_matters(tiny_ru
     out = tmp_path / 'run'
     out.mkdir()
     (out / 'old.txt').write_text('old')
-    status, stdout, err = run_cli(capsys, '--output', out, '--force', *TINY_ARGS)
+    status, stdout, err = run_quickstart_cli(capsys, '--output', out, '--force', *TINY_ARGS)
     assert status == 0, err
     assert stdout.splitlines()[-1] == f'held-out accuracy: {result.reloaded_accuracy:.4f}'
     assert 'epoch 1/1  loss ' in err
@@ -114,7 +103,7 @@ def test_force_replaces_a_run_with_an_identical_one_and_the_seed_matters(tiny_ru
     for name in FOLDER_FILES:  # deterministic: the same seed makes the same files
         assert (out / name).read_bytes() == (result.path / name).read_bytes(), name
 
-    status, _, err = run_cli(capsys, '--output', tmp_path / 'seed1', '--seed', '1', *TINY_ARGS)
+    status, _, err = run_quickstart_cli(capsys, '--output', tmp_path / 'seed1', '--seed', '1', *TINY_ARGS)
     assert status == 0, err
     assert (tmp_path / 'seed1' / 'model.safetensors').read_bytes() != (out / 'model.safetensors').read_bytes()
 
@@ -168,13 +157,13 @@ def test_refuses_to_overwrite_a_previous_run_without_force(capsys, tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
     (out / 'model.safetensors').write_text('previous run')
-    status, _, err = run_cli(capsys, '--output', out)
+    status, _, err = run_quickstart_cli(capsys, '--output', out)
     assert status == 1
-    assert f'{out} is not empty; pass --force' in error_line(err)
+    assert_one_line_error(err, f'{out} is not empty; pass --force', command='quickstart: error: ')
 
-    status, _, err = run_cli(capsys, '--output', tmp_path / 'new', '--imagefolder', out)
+    status, _, err = run_quickstart_cli(capsys, '--output', tmp_path / 'new', '--imagefolder', out)
     assert status == 1
-    assert f'{out} is not empty; pass --force' in error_line(err)
+    assert_one_line_error(err, f'{out} is not empty; pass --force', command='quickstart: error: ')
     assert [p.name for p in tmp_path.iterdir()] == ['run']
     assert (out / 'model.safetensors').read_text() == 'previous run'
 
@@ -193,13 +182,13 @@ def test_bad_options_are_one_line_errors(capsys, tmp_path, monkeypatch, args, me
     except SystemExit as e:  # argparse's own errors: usage, then the error line
         status = e.code
     assert status in (1, 2)
-    assert message in error_line(capsys.readouterr().err)
+    assert_one_line_error(capsys.readouterr().err, message, command='quickstart: error: ')
     assert list(tmp_path.iterdir()) == []
 
 
 def test_without_scikit_learn_it_says_what_to_install(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'sklearn.datasets', None)  # makes the import fail
-    status, _, err = run_cli(capsys, '--output', tmp_path / 'run')
+    status, _, err = run_quickstart_cli(capsys, '--output', tmp_path / 'run')
     assert status == 1
-    assert "pip install 'timm-epsa[quickstart]'" in error_line(err)
+    assert_one_line_error(err, "pip install 'timm-epsa[quickstart]'", command='quickstart: error: ')
     assert list(tmp_path.iterdir()) == []

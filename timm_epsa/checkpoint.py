@@ -70,12 +70,17 @@ def load_file_safely(path: Union[str, Path]) -> Any:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path, e)
+        if unsafe is None:
+            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint (damaged, or not written by torch.save)') from e
         raise CheckpointError(
-            f'{path}: refusing to unpickle it, it needs {_unsafe_globals(path)}, which could run code; '
+            f'{path}: refusing to unpickle it, it needs {unsafe}, which could run code; '
             f'only tensors, plain containers and argparse.Namespace are allowed (torch.load weights_only=True)'
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {_first_line(e)}') from e
+    except Exception as e:  # what torch raises for damaged files varies: RuntimeError, EOFError, KeyError...
+        raise CheckpointError(
+            f'{path} is not a readable PyTorch checkpoint (damaged, or not written by torch.save): '
+            f'{type(e).__name__}: {_first_line(e)}') from e
 
 
 def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
@@ -153,14 +158,17 @@ def _listed(items: List[str]) -> str:
     return shown if len(items) <= _MAX_LISTED else f'{shown}, ... ({len(items) - _MAX_LISTED} more)'
 
 
-def _unsafe_globals(path: Path) -> str:
-    """The globals a pickle would import, as torch reports them, for the error message."""
+def _unsafe_globals(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
+    """The globals a refused pickle would import, for the error message; None when the unpickler
+    stopped on something else (damaged or foreign bytes) rather than on a global it refuses."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint, or an older torch: the refusal stands, only the detail is lost
+    except Exception:  # not a zip checkpoint: torch's message is all there is
         names = []
     names = [n for n in names if n not in {f'{t.__module__}.{t.__qualname__}' for t in SAFE_PICKLE_GLOBALS}]
-    return ', '.join(names) if names else 'objects other than tensors'
+    if names:
+        return ', '.join(names)
+    return 'objects other than tensors' if 'GLOBAL' in str(error) else None
 
 
 def _first_line(error: BaseException) -> str:

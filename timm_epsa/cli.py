@@ -39,7 +39,10 @@ def _model_name(value: str) -> str:
 
 
 def _percent(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number; give a percentage between 0 and 100') from None
     if not 0 <= number <= 100:
         raise argparse.ArgumentTypeError(f'{value} is not a percentage between 0 and 100')
     return number

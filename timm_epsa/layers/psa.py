@@ -29,8 +29,9 @@ class SEWeight(nn.Module):
     """Squeeze-and-excitation gate that returns the weights instead of rescaling its input.
 
     PSA needs the raw per-branch gates so it can normalise them across branches with a softmax.
-    It takes already pooled descriptors of shape (N, C): the caller pools every branch in one go
-    and sends all branches through this one shared module as a single batch. The layers are 1x1
+    It takes already pooled descriptors, (N, C) or (N, C, 1, 1) as the official module's pooling
+    leaves them, and returns gates of the same shape: PSA pools every branch in one go and sends
+    all branches through this one shared module as a single batch. The layers are 1x1
     convolutions, as in the official code, so their weights load unchanged; they run as the matrix
     products they are, which costs a fraction of a convolution call.
     """
@@ -55,9 +56,9 @@ class SEWeight(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True, **dd)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        x = F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias)
+        x = F.linear(pooled.flatten(1), self.fc1.weight.flatten(1), self.fc1.bias)
         x = F.linear(self.act(x), self.fc2.weight.flatten(1), self.fc2.bias)
-        return x.sigmoid()
+        return x.sigmoid().view(pooled.shape)
 
 
 class PSABranchConv(nn.Conv2d):
