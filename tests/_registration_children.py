@@ -64,7 +64,8 @@ def _ddp_rank(rank: int, world_size: int, init_file: str) -> None:
 def ddp(world_size: int = 2) -> None:
     context = multiprocessing.get_context('spawn')
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = [context.Process(target=_ddp_rank, args=(rank, world_size, f'{tmp}/init')) for rank in range(world_size)]
+        ranks = [context.Process(target=_ddp_rank, args=(rank, world_size, f'{tmp}/init'))
+                 for rank in range(world_size)]
         for process in ranks:
             process.start()
         for process in ranks:

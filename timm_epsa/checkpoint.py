@@ -72,15 +72,13 @@ def load_file_safely(path: Union[str, Path]) -> Any:
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path, e)
         if unsafe is None:
-            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint (damaged, or not written by torch.save)') from e
+            raise _unreadable(path) from e
         raise CheckpointError(
             f'{path}: refusing to unpickle it, it needs {unsafe}, which could run code; '
             f'only tensors, plain containers and argparse.Namespace are allowed (torch.load weights_only=True)'
         ) from e
     except Exception as e:  # what torch raises for damaged files varies: RuntimeError, EOFError, KeyError...
-        raise CheckpointError(
-            f'{path} is not a readable PyTorch checkpoint (damaged, or not written by torch.save): '
-            f'{type(e).__name__}: {_first_line(e)}') from e
+        raise _unreadable(path, f'{type(e).__name__}: {_first_line(e)}') from e
 
 
 def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
@@ -158,6 +156,11 @@ def _listed(items: List[str]) -> str:
     return shown if len(items) <= _MAX_LISTED else f'{shown}, ... ({len(items) - _MAX_LISTED} more)'
 
 
+def _unreadable(path: Path, detail: Optional[str] = None) -> CheckpointError:
+    message = f'{path} is not a readable PyTorch checkpoint (damaged, or not written by torch.save)'
+    return CheckpointError(f'{message}: {detail}' if detail else message)
+
+
 def _unsafe_globals(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
     """The globals a refused pickle would import, for the error message; None when the unpickler
     stopped on something else (damaged or foreign bytes) rather than on a global it refuses."""
@@ -165,7 +168,8 @@ def _unsafe_globals(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint: torch's message is all there is
         names = []
-    names = [n for n in names if n not in {f'{t.__module__}.{t.__qualname__}' for t in SAFE_PICKLE_GLOBALS}]
+    allowed = {f'{t.__module__}.{t.__qualname__}' for t in SAFE_PICKLE_GLOBALS}
+    names = [n for n in names if n not in allowed]
     if names:
         return ', '.join(names)
     return 'objects other than tensors' if 'GLOBAL' in str(error) else None

@@ -337,10 +337,12 @@ def _check_reloaded(logits: torch.Tensor, reloaded: torch.Tensor, targets: torch
 
 
 def _describe_run(recipe: Recipe, train_images: int) -> str:
-    subset = f' --train-images {recipe.train_images}' if recipe.train_images else ''
+    command = f'timm-epsa quickstart --epochs {recipe.epochs} --img-size {recipe.img_size} --seed {recipe.seed}'
+    if recipe.train_images:
+        command += f' --train-images {recipe.train_images}'
     return (
-        f'trained from random initialisation by `timm-epsa quickstart --epochs {recipe.epochs} --img-size '
-        f'{recipe.img_size} --seed {recipe.seed}{subset}` (timm-epsa {__version__}) on {train_images} training images at '
-        f'{recipe.img_size}x{recipe.img_size}: {recipe.opt} lr {recipe.lr:g}, weight decay {recipe.weight_decay:g}, '
-        f'{recipe.sched} schedule, batch size {recipe.batch_size}, label smoothing {recipe.smoothing:g}'
+        f'trained from random initialisation by `{command}` (timm-epsa {__version__}) on {train_images} training '
+        f'images at {recipe.img_size}x{recipe.img_size}: {recipe.opt} lr {recipe.lr:g}, weight decay '
+        f'{recipe.weight_decay:g}, {recipe.sched} schedule, batch size {recipe.batch_size}, label smoothing '
+        f'{recipe.smoothing:g}'
     )
