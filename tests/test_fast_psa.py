@@ -10,7 +10,7 @@ import timm_epsa  # noqa: F401  registers the models
 from naive_epsanet import NaivePSA
 from numerics import assert_grads_close, assert_relative_close
 from timm_epsa.layers import PyramidSqueezeAttention
-from timm_epsa.layers import grouped_conv_as_depthwise, prefers_depthwise
+from timm_epsa.layers import conv2d_with_fast_weight_grad, grouped_conv_as_depthwise, prefers_depthwise
 
 
 @settings(max_examples=40, deadline=None)
@@ -37,6 +37,31 @@ def test_depthwise_decomposition_equals_grouped_conv(groups, in_per_group, out_p
         assert_relative_close(a, b, msg=name)
 
 
+@settings(max_examples=40, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4, 8]), in_per_group=st.integers(1, 5), out_per_group=st.integers(1, 5),
+       kernel=st.sampled_from([1, 3, 5, 9]), stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
+       size=st.integers(4, 15), seed=st.integers(0, 2 ** 16))
+def test_own_weight_gradient_equals_grouped_conv(groups, in_per_group, out_per_group, kernel, stride, dilation, size,
+                                                seed):
+    """The weight gradient computed as a convolution of inputs with output gradients, for grouped,
+    depthwise and dense shapes, odd sizes under stride 2 included, in both memory formats."""
+    torch.manual_seed(seed)
+    x = torch.randn(3, groups * in_per_group, size, size + 1)
+    if seed % 2:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(groups * out_per_group, in_per_group, kernel, kernel, requires_grad=True)
+    args = ([stride, stride], [dilation * (kernel - 1) // 2] * 2, [dilation, dilation])
+    fast = conv2d_with_fast_weight_grad(x, w, groups, *args)
+    ref = F.conv2d(x, w, None, *args, groups)
+    assert_relative_close(fast, ref, msg='output')
+    grad = torch.randn_like(ref)
+    fast_grads = torch.autograd.grad(fast, (x, w), grad)
+    ref_grads = torch.autograd.grad(ref, (x, w), grad)
+    for name, a, b in zip(('input grad', 'weight grad'), fast_grads, ref_grads):
+        assert_relative_close(a, b, msg=name)
+
+
 def test_rule_picks_depthwise_for_the_slow_epsanet_branches():
     model = timm.create_model('epsanet50', device='meta')
     chosen = {
@@ -48,6 +73,18 @@ def test_rule_picks_depthwise_for_the_slow_epsanet_branches():
     # groups with one or two outputs each: stage 1 at 7x7 (2) and 9x9 (1), stage 2 at 9x9 (2)
     assert chosen == {(1, 7), (1, 9), (2, 9)}
     assert not prefers_depthwise(out_per_group=16, groups=1)
+
+
+def test_grouped_branches_take_the_own_weight_gradient_in_nchw_only():
+    """The route the measurements chose: grouped branches in NCHW; not channels_last, not the dense branch."""
+    psa = PyramidSqueezeAttention(64, 64)  # conv_2: 5x5 with 4 groups of 4 outputs, a native grouped conv
+    x = torch.randn(1, 64, 8, 8)
+    own = '_Conv2dWithFastWeightGradBackward'
+    assert type(psa.conv_2(x).grad_fn).__name__ == own
+    assert type(psa.conv_2(x.to(memory_format=torch.channels_last)).grad_fn).__name__ != own
+    assert type(psa.conv_1(x).grad_fn).__name__ != own
+    with torch.no_grad():
+        assert psa.conv_2(x).grad_fn is None
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])

@@ -1,7 +1,8 @@
-from .grouped_conv import depthwise_conv2d, grouped_conv2d, grouped_conv_as_depthwise, prefers_depthwise
+from .grouped_conv import (
+    conv2d_with_fast_weight_grad, conv_weight_grad, grouped_conv2d, grouped_conv_as_depthwise, prefers_depthwise)
 from .psa import PSABranchConv, PyramidSqueezeAttention, SEWeight
 
 __all__ = [
-    'PSABranchConv', 'PyramidSqueezeAttention', 'SEWeight', 'depthwise_conv2d', 'grouped_conv2d',
-    'grouped_conv_as_depthwise', 'prefers_depthwise',
+    'PSABranchConv', 'PyramidSqueezeAttention', 'SEWeight', 'conv2d_with_fast_weight_grad', 'conv_weight_grad',
+    'grouped_conv2d', 'grouped_conv_as_depthwise', 'prefers_depthwise',
 ]

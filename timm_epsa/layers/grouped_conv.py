@@ -8,16 +8,19 @@ summation order, the same MACs, a different memory access pattern. The choice is
 from measurements (benchmarks/bench_epsanet.py measures its effect), not a per-call autotune, so
 outputs do not depend on timing noise.
 
-Training adds a second problem: oneDNN's weight gradient for large depthwise kernels is 4-10x
-slower than the forward pass. :func:`depthwise_conv2d` computes that gradient as a depthwise
-convolution over (channel, sample) pairs instead, 2.5-4.5x faster.
+Training adds a second problem: oneDNN's weight gradient for large grouped and depthwise kernels
+is 3-20x slower than their forward pass. :func:`conv2d_with_fast_weight_grad` computes that
+gradient as a convolution of the inputs with the output gradients instead (samples in the channel
+dimension), which oneDNN runs 1.5-18x faster; for grouped convolutions this route is taken in NCHW
+only, the layout in which it wins (in channels_last it needs two transposing copies and loses).
 """
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['grouped_conv2d', 'grouped_conv_as_depthwise', 'depthwise_conv2d', 'prefers_depthwise']
+__all__ = ['grouped_conv2d', 'grouped_conv_as_depthwise', 'conv2d_with_fast_weight_grad', 'conv_weight_grad',
+           'prefers_depthwise']
 
 
 def prefers_depthwise(out_per_group: int, groups: int) -> bool:
@@ -39,10 +42,14 @@ def grouped_conv2d(
         dilation: List[int],
         as_depthwise: bool,
 ) -> torch.Tensor:
-    """``F.conv2d`` without bias, as depthwise convolutions plus sums when ``as_depthwise`` and on
-    the CPU (the only device the choice was measured on)."""
-    if as_depthwise and x.device.type == 'cpu':
-        return grouped_conv_as_depthwise(x, weight, groups, stride, padding, dilation)
+    """``F.conv2d`` without bias, computed the fastest measured way on the CPU (the only device the
+    choices were measured on): as depthwise convolutions plus sums when ``as_depthwise``; otherwise,
+    for a grouped convolution on an NCHW input, with the faster weight gradient."""
+    if x.device.type == 'cpu':
+        if as_depthwise:
+            return grouped_conv_as_depthwise(x, weight, groups, stride, padding, dilation)
+        if groups > 1 and x.is_contiguous():
+            return conv2d_with_fast_weight_grad(x, weight, groups, stride, padding, dilation)
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
@@ -66,91 +73,105 @@ def grouped_conv_as_depthwise(
     per_output = weight.view(groups, out_per_group, in_per_group, kh, kw)
     outputs: List[torch.Tensor] = []
     for m in range(out_per_group):
-        y = depthwise_conv2d(x, per_output[:, m].reshape(in_chs, 1, kh, kw), stride, padding, dilation)
+        y = conv2d_with_fast_weight_grad(
+            x, per_output[:, m].reshape(in_chs, 1, kh, kw), in_chs, stride, padding, dilation)
         outputs.append(sum_channel_groups(y, groups))
     if out_per_group == 1:
         return outputs[0]
     return interleave_channels(outputs)
 
 
-def depthwise_conv2d(
+def conv2d_with_fast_weight_grad(
         x: torch.Tensor,
         weight: torch.Tensor,
+        groups: int,
         stride: List[int],
         padding: List[int],
         dilation: List[int],
 ) -> torch.Tensor:
-    """Depthwise ``F.conv2d`` whose weight gradient, when one is needed, takes the fast route."""
+    """``F.conv2d`` without bias whose weight gradient, when one is needed, is :func:`conv_weight_grad`."""
     if torch.jit.is_scripting() or not torch.is_grad_enabled() or not weight.requires_grad:
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
-    return _depthwise_conv2d_with_fast_weight_grad(x, weight, stride, padding, dilation)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    return _conv2d_with_fast_weight_grad(x, weight, groups, stride, padding, dilation)
 
 
 @torch.jit.unused
-def _depthwise_conv2d_with_fast_weight_grad(
+def _conv2d_with_fast_weight_grad(
         x: torch.Tensor,
         weight: torch.Tensor,
+        groups: int,
         stride: List[int],
         padding: List[int],
         dilation: List[int],
 ) -> torch.Tensor:
-    return _DepthwiseConv2d.apply(x, weight, list(stride), list(padding), list(dilation))
+    return _Conv2dWithFastWeightGrad.apply(x, weight, groups, list(stride), list(padding), list(dilation))
 
 
-class _DepthwiseConv2d(torch.autograd.Function):
-    """Depthwise convolution with the weight gradient of :func:`depthwise_weight_grad`.
+class _Conv2dWithFastWeightGrad(torch.autograd.Function):
+    """Convolution with the weight gradient of :func:`conv_weight_grad`.
 
     The backward is made of differentiable ops, so double backward works, and ``setup_context``
     keeps it usable under ``torch.func`` transforms.
     """
 
     @staticmethod
-    def forward(x, weight, stride, padding, dilation):
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+    def forward(x, weight, groups, stride, padding, dilation):
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, stride, padding, dilation = inputs
+        x, weight, groups, stride, padding, dilation = inputs
         ctx.save_for_backward(x, weight)
-        ctx.conv_args = (stride, padding, dilation)
+        ctx.conv_args = (groups, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad_out):
         # Under autocast the forward ran in grad_out's dtype, whatever x and weight were saved in;
         # autograd casts the gradients back to the dtypes of x and weight.
         x, weight = (t.to(grad_out.dtype) for t in ctx.saved_tensors)
-        stride, padding, dilation = ctx.conv_args
+        groups, stride, padding, dilation = ctx.conv_args
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], x.shape[1],
+                grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad_out, weight.shape[-2:], stride, padding, dilation)
-        return grad_x, grad_w, None, None, None
+            grad_w = conv_weight_grad(x, grad_out, weight.shape, groups, stride, padding, dilation)
+        return grad_x, grad_w, None, None, None, None
 
 
-def depthwise_weight_grad(
+def conv_weight_grad(
         x: torch.Tensor,
         grad_out: torch.Tensor,
-        kernel_size: List[int],
+        weight_shape: List[int],
+        groups: int,
         stride: List[int],
         padding: List[int],
         dilation: List[int],
 ) -> torch.Tensor:
-    """Gradient of a depthwise convolution's weight, (C, 1, kh, kw).
+    """Gradient of a grouped convolution's weight, as a convolution of the inputs with the output
+    gradients.
 
-    ``dW[c, i, j] = sum over samples b and outputs (h, w) of x_pad[b, c, h*s + i*d, w*s + j*d] *
-    grad_out[b, c, h, w]``: for each (channel, sample) pair a correlation of the input with the
-    output gradient, which is itself a depthwise convolution with the gradient as kernel (stride
-    and dilation swap roles), summed over the samples.
+    With ``Ci`` inputs and ``Co`` outputs per group, ``dW[g*Co + o, i, p, q]`` sums over samples
+    ``b`` and outputs ``(h, w)`` of ``x_pad[b, g*Ci + i, h*s + p*d, w*s + q*d] * grad_out[b, g*Co + o, h, w]``:
+    a correlation of input planes with output-gradient planes, which is a convolution with the
+    gradient as kernel (stride and dilation swap roles) and the samples as the summed channels.
+    Each of the ``Ci`` inputs of a group becomes one image whose channels are the group's samples.
+    A depthwise convolution (one input and one output per group) is instead correlated per (channel,
+    sample) pair and summed over the samples afterwards: that keeps it a depthwise convolution, which
+    oneDNN runs far faster than a grouped one with one output per group.
     """
+    out_chs, in_per_group, kh, kw = weight_shape[0], weight_shape[1], weight_shape[2], weight_shape[3]
     B, C, H, W = x.shape
-    pairs = x.transpose(0, 1).reshape(1, C * B, H, W)
-    kernels = grad_out.transpose(0, 1).reshape(C * B, 1, grad_out.shape[2], grad_out.shape[3])
-    corr = F.conv2d(pairs, kernels, None, dilation, padding, stride, C * B)
-    kh, kw = kernel_size[0], kernel_size[1]
-    return corr.view(C, B, corr.shape[2], corr.shape[3])[:, :, :kh, :kw].sum(1, keepdim=True)
+    Ho, Wo = grad_out.shape[2], grad_out.shape[3]
+    if in_per_group == 1 and out_chs == groups:
+        pairs = x.transpose(0, 1).reshape(1, C * B, H, W)
+        kernels = grad_out.transpose(0, 1).reshape(C * B, 1, Ho, Wo)
+        corr = F.conv2d(pairs, kernels, None, dilation, padding, stride, C * B)
+        return corr.view(C, B, corr.shape[2], corr.shape[3])[:, :, :kh, :kw].sum(1, keepdim=True)
+    images = x.view(B, groups, in_per_group, H, W).permute(2, 1, 0, 3, 4).reshape(in_per_group, groups * B, H, W)
+    corr = F.conv2d(images, grad_out.transpose(0, 1), None, dilation, padding, stride, groups)
+    return corr[:, :, :kh, :kw].transpose(0, 1)
 
 
 def sum_channel_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
