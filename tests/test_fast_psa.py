@@ -13,38 +13,17 @@ from timm_epsa.layers import PyramidSqueezeAttention
 from timm_epsa.layers import conv2d_with_fast_weight_grad, grouped_conv_as_depthwise, prefers_depthwise
 
 
-@settings(max_examples=40, deadline=None)
-@given(groups=st.sampled_from([1, 2, 4, 8]), in_per_group=st.integers(1, 4), out_per_group=st.integers(1, 3),
-       kernel=st.sampled_from([1, 3, 5, 9]), stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
-       size=st.integers(4, 15), seed=st.integers(0, 2 ** 16))
-def test_depthwise_decomposition_equals_grouped_conv(groups, in_per_group, out_per_group, kernel, stride, dilation,
-                                                     size, seed):
-    """Forward, input gradient and the hand-written depthwise weight gradient, in both memory formats."""
-    torch.manual_seed(seed)
-    x = torch.randn(2, groups * in_per_group, size, size + 1)
-    if seed % 2:
-        x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    w = torch.randn(groups * out_per_group, in_per_group, kernel, kernel, requires_grad=True)
-    args = ([stride, stride], [dilation * (kernel - 1) // 2] * 2, [dilation, dilation])
-    fast = grouped_conv_as_depthwise(x, w, groups, *args)
-    ref = F.conv2d(x, w, None, *args, groups)
-    assert_relative_close(fast, ref, msg='output')
-    grad = torch.randn_like(ref)
-    fast_grads = torch.autograd.grad(fast, (x, w), grad)
-    ref_grads = torch.autograd.grad(ref, (x, w), grad)
-    for name, a, b in zip(('input grad', 'weight grad'), fast_grads, ref_grads):
-        assert_relative_close(a, b, msg=name)
-
-
+@pytest.mark.parametrize('fast_conv', [grouped_conv_as_depthwise, conv2d_with_fast_weight_grad],
+                         ids=['depthwise_decomposition', 'own_weight_gradient'])
 @settings(max_examples=40, deadline=None)
 @given(groups=st.sampled_from([1, 2, 4, 8]), in_per_group=st.integers(1, 5), out_per_group=st.integers(1, 5),
        kernel=st.sampled_from([1, 3, 5, 9]), stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
        size=st.integers(4, 15), seed=st.integers(0, 2 ** 16))
-def test_own_weight_gradient_equals_grouped_conv(groups, in_per_group, out_per_group, kernel, stride, dilation, size,
-                                                seed):
-    """The weight gradient computed as a convolution of inputs with output gradients, for grouped,
-    depthwise and dense shapes, odd sizes under stride 2 included, in both memory formats."""
+def test_fast_grouped_conv_equals_f_conv2d(fast_conv, groups, in_per_group, out_per_group, kernel, stride, dilation,
+                                           size, seed):
+    """Forward, input gradient and the hand-written weight gradients (depthwise over (channel, sample)
+    pairs; grouped as a convolution of inputs with output gradients) for grouped, depthwise and dense
+    shapes, odd sizes under stride 2 included, in both memory formats."""
     torch.manual_seed(seed)
     x = torch.randn(3, groups * in_per_group, size, size + 1)
     if seed % 2:
@@ -52,7 +31,7 @@ def test_own_weight_gradient_equals_grouped_conv(groups, in_per_group, out_per_g
     x.requires_grad_()
     w = torch.randn(groups * out_per_group, in_per_group, kernel, kernel, requires_grad=True)
     args = ([stride, stride], [dilation * (kernel - 1) // 2] * 2, [dilation, dilation])
-    fast = conv2d_with_fast_weight_grad(x, w, groups, *args)
+    fast = fast_conv(x, w, groups, *args)
     ref = F.conv2d(x, w, None, *args, groups)
     assert_relative_close(fast, ref, msg='output')
     grad = torch.randn_like(ref)
