@@ -87,10 +87,12 @@ def test_epsanet_stage1_psa_equals_naive_in_forward_and_backward(memory_format):
 
 
 def test_second_order_gradients_and_torch_func_equal_naive():
-    """Double backward (gradient penalties) and ``torch.func.grad`` go through the depthwise path's
-    own backward; in float64 they must equal the naive reference's."""
+    """Double backward (gradient penalties) and ``torch.func.grad`` go through the layer's own weight
+    gradients, both routes; in float64 they must equal the naive reference's."""
     torch.manual_seed(0)
-    psa = PyramidSqueezeAttention(32, 64).double()  # branches with 2 and 1 outputs per group: depthwise path
+    # NCHW, branch width 16: 5x5 with 4 groups of 4 outputs takes the grouped own-gradient route,
+    # 7x7 and 9x9 (2 and 1 outputs per group) the depthwise one
+    psa = PyramidSqueezeAttention(32, 64).double()
     naive = NaivePSA(32, 64).double()
     naive.load_state_dict(psa.state_dict())
     x = torch.randn(2, 32, 9, 9, dtype=torch.float64)
