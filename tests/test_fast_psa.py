@@ -98,10 +98,13 @@ def test_second_order_gradients_and_torch_func_equal_naive():
     x = torch.randn(2, 32, 9, 9, dtype=torch.float64)
 
     def penalty_grads(module):
+        """Gradients of a penalty on the first-order gradients of the input and of every weight (as
+        gradient penalties and MAML-style meta-learning take them)."""
         x_ = x.clone().requires_grad_()
-        grad_x, = torch.autograd.grad(module(x_).square().sum(), x_, create_graph=True)
         names, params = zip(*module.named_parameters())
-        return dict(zip(('input', *names), torch.autograd.grad(grad_x.square().sum(), [x_, *params])))
+        first = torch.autograd.grad(module(x_).square().sum(), [x_, *params], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return dict(zip(('input', *names), torch.autograd.grad(penalty, [x_, *params])))
 
     assert_grads_close(penalty_grads(psa), penalty_grads(naive), rel=1e-10)
 
