@@ -1,12 +1,14 @@
 """Child processes for tests/test_registration.py: run with an environment's interpreter.
 
 ``dataloader``: DataLoader workers started with the spawn method look EPSANet up in timm.
-``ddp``: two spawned gloo ranks on the CPU each create ``epsanet50`` by name and take a DDP step.
+``ddp``: two spawned gloo ranks on the CPU each create ``epsanet50`` by name and compute a DDP gradient,
+which must be the mean of the ranks' own gradients.
 
 Nothing here imports timm_epsa: in every process the models must come from the start-up hook.
 torch is imported only where it is used, so that a process importing this file for its
 definitions (spawn does) pays nothing for it. Each mode prints one JSON line for the test.
 """
+import copy
 import json
 import multiprocessing
 import sys
@@ -42,20 +44,26 @@ def _ddp_rank(rank: int, world_size: int, init_file: str) -> None:
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     torch.manual_seed(rank)  # different weights and data per rank: DDP must make them agree
     model = timm.create_model('epsanet50', layers=(1, 1, 1, 1), num_classes=4)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+    local_model = copy.deepcopy(model)  # the same weights, outside DDP: this rank's own gradient
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
-    loss = F.cross_entropy(ddp_model(x), y)
-    loss.backward()
-    optimizer.step()
+    F.cross_entropy(ddp_model(x), y).backward()
+    F.cross_entropy(local_model(x), y).backward()
 
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(params) for _ in range(world_size)]
-    dist.all_gather(gathered, params)
+    def flat_grads(m: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    ddp_grads, local_grads = flat_grads(model), flat_grads(local_model)
+    gathered_ddp = [torch.empty_like(ddp_grads) for _ in range(world_size)]
+    gathered_local = [torch.empty_like(local_grads) for _ in range(world_size)]
+    dist.all_gather(gathered_ddp, ddp_grads)
+    dist.all_gather(gathered_local, local_grads)
     if rank == 0:
+        mean_local = torch.stack(gathered_local).mean(0)
         print(json.dumps({
-            'loss': loss.item(),
-            'ranks_agree': all(torch.equal(gathered[0], g) for g in gathered[1:]),
+            'ranks_agree': all(torch.equal(gathered_ddp[0], g) for g in gathered_ddp[1:]),
+            'ranks_differ_locally': not torch.allclose(gathered_local[0], gathered_local[1]),
+            'mean_error': (gathered_ddp[0] - mean_local).abs().max().item() / mean_local.abs().max().item(),
             'block': type(model.layer1[0]).__module__,
         }), flush=True)
     dist.destroy_process_group()

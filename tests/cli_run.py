@@ -9,12 +9,12 @@ def run_cli(capsys, *args):
     return status, out, err
 
 
-def assert_one_line_error(err, *fragments, command: str = '') -> str:
+def assert_one_line_error(err, command: str, *fragments) -> str:
     """stderr ends with one ``timm-epsa COMMAND: error: ...`` line (after any progress lines), with
     no other error line and no traceback; the line holds every fragment. Returns it."""
     lines = err.strip().splitlines()
     assert 'Traceback' not in err and [line for line in lines if ': error: ' in line] == lines[-1:], err
-    assert lines[-1].startswith(f'timm-epsa {command}'), err
+    assert lines[-1].startswith(f'timm-epsa {command}: error: '), err
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]

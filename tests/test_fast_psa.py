@@ -143,6 +143,7 @@ def test_psa_output_keeps_the_input_memory_format(memory_format):
             assert psa(x).is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_eager_in_onnxruntime(tmp_path):
     ort = pytest.importorskip('onnxruntime')
     pytest.importorskip('onnxscript')
@@ -158,6 +159,7 @@ def test_onnx_export_matches_eager_in_onnxruntime(tmp_path):
         torch.testing.assert_close(onnx_out, model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_compile_without_graph_breaks():
     torch.manual_seed(0)
     model = timm.create_model('epsanet50', layers=(1, 1, 1, 1)).eval()

@@ -12,12 +12,16 @@ import torch
 from huggingface_hub import constants
 
 import timm_epsa  # noqa: F401  registers the models
-from timm_epsa.hub import NAMESPACE_ENV, PretrainedWeightsError, hub_namespace
+from timm_epsa.models.epsanet import MODEL_NAMES
+from timm.models import save_for_hf
+from timm_epsa.hub import PretrainedWeightsError
+from timm_epsa.hub_repos import NAMESPACE_ENV, hub_namespace
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
 pytestmark = pytest.mark.usefixtures('single_thread')
 
-REPO = 'timm-epsa/epsanet50.in1k'  # where the registered cfg of epsanet50 looks
+REPO = 'timm-epsa/epsanet50.in1k'  # where weights of epsanet50 would be published by this project
+FROM_REPO = dict(pretrained_cfg_overlay=dict(hf_hub_id=REPO))  # no tag points there until they are
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def test_pretrained_comes_from_the_hub_then_from_the_cache_offline(converted, hu
     hub.serve(REPO, folder)
     expected = _outputs(source, x)
 
-    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True), x), expected)
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, **FROM_REPO), x), expected)
     assert torch.equal(_outputs(timm.create_model(f'hf-hub:{REPO}', pretrained=True), x), expected)
     local_file = dict(file=str(folder / 'model.safetensors'))
     assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=local_file), x),
@@ -48,26 +52,45 @@ def test_pretrained_comes_from_the_hub_then_from_the_cache_offline(converted, hu
 
     hub.stop()
     constants.HF_HUB_OFFLINE = True  # restored by the hub fixture
-    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True), x), expected)
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, **FROM_REPO), x), expected)
 
 
-def test_namespace_variable_selects_the_repo(converted, hub, tmp_path, child_env):
-    """Read at registration, so checked in a new interpreter; the stub serves only testorg's repo."""
-    _, folder, source = converted
-    hub.serve('testorg/epsanet50.in1k', folder)
-    loaded = tmp_path / 'loaded.safetensors'
-    script = textwrap.dedent(f"""
-        import safetensors.torch, timm, timm_epsa
-        model = timm.create_model('epsanet50', pretrained=True)
-        assert model.pretrained_cfg['hf_hub_id'] == 'testorg/epsanet50.in1k', model.pretrained_cfg['hf_hub_id']
-        safetensors.torch.save_file(model.state_dict(), {str(loaded)!r})
+@pytest.mark.slow
+def test_with_a_namespace_every_listed_tag_loads_from_its_repo(hub, tmp_path, child_env):
+    """TIMM_EPSA_HUB_NAMESPACE (read at registration, so in a new interpreter that never imports
+    timm_epsa) points every tag at '<namespace>/<model>.in1k' and timm lists them; timm's own
+    pretrained loading then fetches each from there (one block per stage, to keep it quick), and
+    `timm-epsa info` shows the cached copies."""
+    sources = {}
+    for name in MODEL_NAMES:
+        torch.manual_seed(0)
+        model = timm.create_model(name, layers=(1, 1, 1, 1))
+        save_for_hf(model, tmp_path / name, safe_serialization=True)
+        hub.serve(f'testorg/{name}.in1k', tmp_path / name)
+        sources[f'{name}.in1k'] = model.state_dict()
+    script = textwrap.dedent("""
+        import sys, safetensors.torch, timm
+        tags = timm.list_pretrained('epsanet*')
+        print(' '.join(sorted(tags)))
+        for tag in tags:
+            model = timm.create_model(tag, pretrained=True, layers=(1, 1, 1, 1))
+            assert model.pretrained_cfg['hf_hub_id'] == 'testorg/' + tag, model.pretrained_cfg['hf_hub_id']
+            safetensors.torch.save_file(model.state_dict(), f'{sys.argv[1]}/{tag}.safetensors')
+        from timm_epsa.cli import main
+        main(['info', 'epsanet50'])
     """)
     env = {**child_env, **hub.env(tmp_path / 'hf-home'), NAMESPACE_ENV: 'testorg'}
-    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, '-c', script, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
-    tensors = safetensors.torch.load_file(loaded)
-    assert tensors.keys() == source.state_dict().keys()
-    assert all(torch.equal(tensors[k], v) for k, v in source.state_dict().items())
+    listed, *info = result.stdout.splitlines()
+    assert listed.split() == sorted(sources)
+    for tag, source in sources.items():
+        tensors = safetensors.torch.load_file(tmp_path / f'{tag}.safetensors')
+        assert tensors.keys() == source.keys()
+        assert all(torch.equal(tensors[k], v) for k, v in source.items()), tag
+    assert 'testorg/epsanet50.in1k' in info[1] and 'hf-home/hub/models--testorg--epsanet50.in1k/snapshots/' in info[1]
+    assert 'Hub namespace: testorg' in result.stdout
 
 
 @pytest.mark.parametrize('value', ['my org', 'org/sub', '-org', 'org.'])
@@ -77,6 +100,7 @@ def test_invalid_namespace_is_refused_naming_the_variable(monkeypatch, value):
         hub_namespace()
 
 
+@pytest.mark.slow
 def test_invalid_namespace_costs_pretrained_weights_only(child_env):
     """The models still register; weights from their repos are refused, before any download."""
     script = textwrap.dedent("""
@@ -105,21 +129,21 @@ def test_num_classes_in_chans_and_features_adapt_the_hub_weights(converted, hub,
     hub.serve(REPO, folder)
     source_tensors = source.state_dict()
 
-    ten = timm.create_model('epsanet50', pretrained=True, num_classes=10)
+    ten = timm.create_model('epsanet50', pretrained=True, num_classes=10, **FROM_REPO)
     assert ten.fc.weight.shape == (10, 2048)
     assert not torch.equal(ten.fc.weight, source_tensors['fc.weight'][:10])
     assert all(torch.equal(v, source_tensors[k]) for k, v in ten.state_dict().items() if not k.startswith('fc.'))
 
-    gray = timm.create_model('epsanet50', pretrained=True, in_chans=1)
+    gray = timm.create_model('epsanet50', pretrained=True, in_chans=1, **FROM_REPO)
     assert torch.equal(gray.conv1.weight, source_tensors['conv1.weight'].sum(dim=1, keepdim=True))
     assert all(torch.equal(v, source_tensors[k]) for k, v in gray.state_dict().items() if k != 'conv1.weight')
 
-    backbone = timm.create_model('epsanet50', pretrained=True, features_only=True, out_indices=(4,))
+    backbone = timm.create_model('epsanet50', pretrained=True, features_only=True, out_indices=(4,), **FROM_REPO)
     with torch.no_grad():
         assert torch.equal(backbone.eval()(x)[0], source.forward_features(x))
 
 
-def _pickle_only_repo(folder, tmp_path, payload):
+def _pickle_only_repo(folder, tmp_path, payload, resnet50_state_dict):
     """config.json beside a pytorch_model.bin that runs code when unpickled."""
     repo = tmp_path / 'pickle-only'
     repo.mkdir()
@@ -128,7 +152,7 @@ def _pickle_only_repo(folder, tmp_path, payload):
     return repo
 
 
-def _truncated_repo(folder, tmp_path, payload):
+def _truncated_repo(folder, tmp_path, payload, resnet50_state_dict):
     repo = tmp_path / 'truncated'
     shutil.copytree(folder, repo)
     data = (folder / 'model.safetensors').read_bytes()
@@ -136,10 +160,10 @@ def _truncated_repo(folder, tmp_path, payload):
     return repo
 
 
-def _resnet_repo(folder, tmp_path, payload):
+def _resnet_repo(folder, tmp_path, payload, resnet50_state_dict):
     repo = tmp_path / 'resnet'
     shutil.copytree(folder, repo)
-    safetensors.torch.save_file(timm.create_model('resnet50').state_dict(), repo / 'model.safetensors')
+    safetensors.torch.save_file(resnet50_state_dict, repo / 'model.safetensors')
     return repo
 
 
@@ -151,6 +175,10 @@ WAYS_OUT = [
 
 @pytest.mark.parametrize('make_repo, model_name, kwargs, messages', [
     (None, 'epsanet50', {},
+     ['No pretrained weights are published for epsanet50.in1k', 'the EPSANet authors released none', *WAYS_OUT]),
+    (None, 'epsanet50.in1k', dict(features_only=True, num_classes=10),
+     ['No pretrained weights are published for epsanet50.in1k', *WAYS_OUT]),
+    (None, 'epsanet50', FROM_REPO,
      ["No weights are published at Hub repo 'timm-epsa/epsanet50.in1k'", 'does not exist or is private', *WAYS_OUT]),
     (None, 'epsanet101_large', dict(pretrained_cfg_overlay=dict(hf_hub_id='someone/elsewhere')),
      ["No weights are published at Hub repo 'someone/elsewhere'", *WAYS_OUT]),
@@ -158,7 +186,7 @@ WAYS_OUT = [
      ["No weights are published at Hub repo 'lab/pickle-only'", 'it has no model.safetensors', 'never unpickled',
       *WAYS_OUT]),
     (_pickle_only_repo, 'hf-hub:lab/pickle-only', {}, ['it has no model.safetensors', 'never unpickled']),
-    (None, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_filename='pytorch_model.bin')),
+    (None, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_id=REPO, hf_hub_filename='pytorch_model.bin')),
      ["hf_hub_filename='pytorch_model.bin'", 'only as safetensors', *WAYS_OUT]),
     (_truncated_repo, 'epsanet50', dict(pretrained_cfg_overlay=dict(hf_hub_id='lab/truncated')),
      ["The model.safetensors in Hub repo 'lab/truncated' is not a valid safetensors file", 'upload it again']),
@@ -172,11 +200,11 @@ WAYS_OUT = [
      ['do not fit epsanet50']),
 ])
 def test_unusable_hub_weights_fail_with_a_clear_error(
-        converted, hub, tmp_path, code_in_pickle, make_repo, model_name, kwargs, messages):
+        converted, hub, tmp_path, code_in_pickle, resnet50_state_dict, make_repo, model_name, kwargs, messages):
     _, folder, _ = converted
     payload, marker = code_in_pickle
     if make_repo is not None:
-        repo = make_repo(folder, tmp_path, payload)
+        repo = make_repo(folder, tmp_path, payload, resnet50_state_dict)
         hub.serve(f'lab/{repo.name}', repo)
     with pytest.raises(PretrainedWeightsError) as error:
         timm.create_model(model_name, pretrained=True, **kwargs)
@@ -191,13 +219,5 @@ def test_offline_without_a_cached_copy_says_so(hub):
     with pytest.raises(PretrainedWeightsError, match=(
             r"Cannot fetch model.safetensors of Hub repo 'timm-epsa/epsanet50.in1k': HF_HUB_OFFLINE is set "
             r'and it is not in the local cache')):
-        timm.create_model('epsanet50', pretrained=True)
+        timm.create_model('epsanet50', pretrained=True, **FROM_REPO)
     assert not _files_requested(hub)
-
-
-def test_the_filter_refuses_a_local_checkpoint_for_another_architecture(tmp_path):
-    """Without the Hub the mismatch error is the checkpoint's own: it names the tensors."""
-    path = tmp_path / 'resnet.safetensors'
-    safetensors.torch.save_file(timm.create_model('resnet50').state_dict(), path)
-    with pytest.raises(RuntimeError, match=r'the checkpoint does not fit epsanet50: .*layer1\.0\.conv2\.conv_1'):
-        timm.create_model('epsanet50', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))

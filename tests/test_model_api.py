@@ -74,6 +74,34 @@ def test_drop_path_rate_schedules_stochastic_depth():
     assert rates == sorted(rates)
 
 
+def _train_output(model: torch.nn.Module, x: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.train()(x)
+
+
+def _without(model: torch.nn.Module, attribute: str, replacement) -> torch.nn.Module:
+    """The same model, weights and all, with ``attribute`` of every block replaced."""
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            setattr(block, attribute, replacement)
+    return model
+
+
+@pytest.mark.parametrize('kwargs, attribute, replacement', [
+    (dict(drop_path_rate=0.5), 'drop_path', None),
+    (dict(drop_block_rate=0.5), 'drop_block', torch.nn.Identity()),
+    (dict(block_args=dict(attn_layer='se')), 'se', None),
+], ids=['drop_path', 'drop_block', 'attn_layer'])
+def test_block_options_change_the_output(x, kwargs, attribute, replacement):
+    """Each option timm's ResNet hands the block acts in its forward: taking its module out of every
+    block changes the training-mode output, the same random draws and weights otherwise."""
+    model = tiny(**kwargs)
+    with_option = _train_output(model, x)
+    torch.testing.assert_close(_train_output(model, x), with_option)  # the draws repeat with the seed
+    assert not torch.allclose(_train_output(_without(model, attribute, replacement), x), with_option, atol=1e-4)
+
+
 @pytest.mark.parametrize('output_stride, final_size', [(32, 2), (16, 4), (8, 8)])
 def test_output_stride_dilates_psa(x, output_stride, final_size):
     model = tiny(output_stride=output_stride, num_classes=0)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_epsa  # noqa: F401  registers the models
+from timm_epsa.checkpoint import CheckpointMismatchError
 from naive_epsanet import NaiveEPSANet, randomize_batchnorm_
 
 # (params, MACs at 224x224 counted by torch.utils.flop_counter, paper's params in M or None)
@@ -18,10 +19,17 @@ SIZES = {
 }
 
 
-def test_registered_with_timm():
+def test_registered_with_timm_claiming_no_weights():
+    """No EPSANet weights exist: the tags carry the metadata, but timm lists none as pretrained
+    (with TIMM_EPSA_HUB_NAMESPACE set they are, see test_hub.py)."""
     assert set(timm.list_models('epsanet*')) == set(SIZES)
-    assert set(timm.list_pretrained('epsanet*')) == {f'{name}.in1k' for name in SIZES}
-    assert timm.models.get_pretrained_cfg('epsanet50').hf_hub_id == 'timm-epsa/epsanet50.in1k'
+    assert set(timm.list_models('epsanet*', include_tags=True)) == {f'{name}.in1k' for name in SIZES}
+    assert timm.list_pretrained('epsanet*') == []
+    assert timm.list_models('epsanet*', pretrained=True) == []
+    cfg = timm.models.get_pretrained_cfg('epsanet50.in1k')
+    assert not cfg.has_weights
+    assert (cfg.paper_ids, cfg.license, cfg.crop_pct, cfg.interpolation) == \
+        ('arXiv:2105.14447', 'apache-2.0', 0.875, 'bilinear')
 
 
 @pytest.mark.parametrize('name', list(SIZES))
@@ -101,8 +109,14 @@ def test_official_checkpoint_loads_strictly_with_identical_outputs(tmp_path):
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_for_another_architecture_is_refused(tmp_path):
+@pytest.mark.parametrize('kwargs', [{}, dict(num_classes=10), dict(features_only=True)],
+                         ids=['strict', 'new-classifier', 'features-only'])
+def test_checkpoint_for_another_architecture_is_refused(tmp_path, resnet50_state_dict, kwargs):
+    """Refused by the filter with the differing tensors, also where timm drops the classifier and
+    loads non-strictly (and would otherwise half-load a foreign backbone without a word)."""
     path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': timm.create_model('resnet50').state_dict()}, path)
-    with pytest.raises(RuntimeError, match='conv2.conv_1.weight'):
-        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.save({'state_dict': resnet50_state_dict}, path)
+    with pytest.raises(CheckpointMismatchError, match=(
+            r'the checkpoint does not fit epsanet50: .*missing: layer1\.0\.conv2\.conv_1\.weight .*'
+            r'unexpected: layer1\.0\.conv2\.weight \(64, 64, 3, 3\)')):
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)

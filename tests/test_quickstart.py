@@ -159,11 +159,11 @@ def test_refuses_to_overwrite_a_previous_run_without_force(capsys, tmp_path):
     (out / 'model.safetensors').write_text('previous run')
     status, _, err = run_quickstart_cli(capsys, '--output', out)
     assert status == 1
-    assert_one_line_error(err, f'{out} is not empty; pass --force', command='quickstart: error: ')
+    assert_one_line_error(err, 'quickstart', f'{out} is not empty; pass --force')
 
     status, _, err = run_quickstart_cli(capsys, '--output', tmp_path / 'new', '--imagefolder', out)
     assert status == 1
-    assert_one_line_error(err, f'{out} is not empty; pass --force', command='quickstart: error: ')
+    assert_one_line_error(err, 'quickstart', f'{out} is not empty; pass --force')
     assert [p.name for p in tmp_path.iterdir()] == ['run']
     assert (out / 'model.safetensors').read_text() == 'previous run'
 
@@ -182,7 +182,7 @@ def test_bad_options_are_one_line_errors(capsys, tmp_path, monkeypatch, args, me
     except SystemExit as e:  # argparse's own errors: usage, then the error line
         status = e.code
     assert status in (1, 2)
-    assert_one_line_error(capsys.readouterr().err, message, command='quickstart: error: ')
+    assert_one_line_error(capsys.readouterr().err, 'quickstart', message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,5 +190,5 @@ def test_without_scikit_learn_it_says_what_to_install(capsys, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, 'sklearn.datasets', None)  # makes the import fail
     status, _, err = run_quickstart_cli(capsys, '--output', tmp_path / 'run')
     assert status == 1
-    assert_one_line_error(err, "pip install 'timm-epsa[quickstart]'", command='quickstart: error: ')
+    assert_one_line_error(err, 'quickstart', "pip install 'timm-epsa[quickstart]'")
     assert list(tmp_path.iterdir()) == []

@@ -10,22 +10,24 @@ The formats understood are the official ``main.py`` (``state_dict`` with ``modul
 """
 import argparse
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
-import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from timm.models import clean_state_dict
+from timm.models import load_state_dict
 
 __all__ = [
-    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'read_checkpoint', 'load_file_safely',
+    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'read_checkpoint',
 ]
 
-# Types a weights_only unpickler may build beyond tensors and builtin containers.
+# Types a weights_only unpickler may build beyond tensors and builtin containers (timm allows the same).
 SAFE_PICKLE_GLOBALS = [argparse.Namespace]
+_EMA_KEYS = ('state_dict_ema', 'model_ema')  # where timm's train.py and others keep EMA weights
 # How many keys of each kind a mismatch error names before summarising the rest.
 _MAX_LISTED = 8
 
@@ -56,19 +58,61 @@ class Checkpoint:
     args: Optional[argparse.Namespace] = None  # timm train.py's command line
 
 
-def load_file_safely(path: Union[str, Path]) -> Any:
-    """Load a safetensors file, or a pickle without letting it build anything but data."""
+def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
+    """Read the weights (the EMA copy with ``ema``) and training record of a checkpoint file.
+
+    The weights are chosen and cleaned by timm's ``load_state_dict``, as ``checkpoint_path=`` and
+    train.py's ``--initial-checkpoint`` choose them; a pickle is first read here for its record,
+    which also refuses one that would run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such file')
-    if path.suffix == '.safetensors':
-        try:
-            return safetensors.torch.load_file(path, device='cpu')
-        except safetensors.SafetensorError as e:
-            raise CheckpointError(f'{path} is not a valid safetensors file: {e}') from e
+    record = {} if path.suffix == '.safetensors' else _read_record(path)
+    has_ema = any(isinstance(record.get(key), dict) for key in _EMA_KEYS)
+    if ema and not has_ema:
+        raise CheckpointError(f"{path} holds no EMA weights (no {' or '.join(_EMA_KEYS)}); convert it without --ema")
+    try:
+        state_dict = load_state_dict(str(path), use_ema=ema)
+    except SafetensorError as e:
+        raise CheckpointError(f'{path} is not a valid safetensors file: {e}') from e
+    except (AttributeError, TypeError) as e:  # what timm's key choice found is no mapping
+        raise CheckpointError(f'{path} holds no state dict (a mapping of parameter names to tensors)') from e
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f'{path}: not a state dict, these entries are not tensors: {_listed(not_tensors)}')
+
+    args = record.get('args') if isinstance(record.get('args'), argparse.Namespace) else None
+    if 'best_prec1' in record:
+        kind, metric, metric_name = 'official main.py checkpoint', record['best_prec1'], 'top1'
+    else:  # timm train.py records the metric it selects the best checkpoint by
+        metric, metric_name = record.get('metric'), getattr(args, 'eval_metric', None)
+        if path.suffix == '.safetensors':
+            kind = 'safetensors file'
+        elif args is not None:
+            kind = 'timm train.py checkpoint'
+        else:
+            kind = 'checkpoint' if 'state_dict' in record else 'state dict'
+    return Checkpoint(
+        state_dict=state_dict,
+        kind=kind,
+        ema=ema,
+        has_ema=has_ema,
+        arch=record.get('arch') if isinstance(record.get('arch'), str) else None,
+        epoch=int(record['epoch']) if isinstance(record.get('epoch'), (int, torch.Tensor)) else None,
+        metric=float(metric) if isinstance(metric, (int, float, torch.Tensor)) else None,
+        metric_name=metric_name,
+        args=args,
+    )
+
+
+def _read_record(path: Path) -> Dict[str, Any]:
+    """The top-level entries of a pickled checkpoint (an empty record for a bare tensor container),
+    read without letting the pickle build anything but data; tensors of a zip checkpoint are
+    memory-mapped, not read."""
     try:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            content = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path, e)
         if unsafe is None:
@@ -79,46 +123,7 @@ def load_file_safely(path: Union[str, Path]) -> Any:
         ) from e
     except Exception as e:  # what torch raises for damaged files varies: RuntimeError, EOFError, KeyError...
         raise _unreadable(path, f'{type(e).__name__}: {_first_line(e)}') from e
-
-
-def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
-    """Read the weights (the EMA copy with ``ema``) and training record of a checkpoint file."""
-    content = load_file_safely(path)
-    if not isinstance(content, dict):
-        raise CheckpointError(f'{path} holds a {type(content).__name__}, not a state dict or training checkpoint')
-    has_ema = isinstance(content.get('state_dict_ema'), dict)
-    if ema and not has_ema:
-        raise CheckpointError(f'{path} holds no EMA weights (no state_dict_ema); convert it without --ema')
-    state_dict = content['state_dict_ema'] if ema else content.get('state_dict', content)
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: 'state_dict' is a {type(state_dict).__name__}, not a state dict")
-    state_dict = clean_state_dict(state_dict)
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise CheckpointError(f'{path}: not a state dict, these entries are not tensors: {_listed(not_tensors)}')
-
-    args = content.get('args') if isinstance(content.get('args'), argparse.Namespace) else None
-    if 'best_prec1' in content:
-        kind, metric, metric_name = 'official main.py checkpoint', content['best_prec1'], 'top1'
-    else:  # timm train.py records the metric it selects the best checkpoint by
-        metric, metric_name = content.get('metric'), getattr(args, 'eval_metric', None)
-        if Path(path).suffix == '.safetensors':
-            kind = 'safetensors file'
-        elif args is not None:
-            kind = 'timm train.py checkpoint'
-        else:
-            kind = 'checkpoint' if 'state_dict' in content else 'state dict'
-    return Checkpoint(
-        state_dict=state_dict,
-        kind=kind,
-        ema=ema,
-        has_ema=has_ema,
-        arch=content.get('arch') if isinstance(content.get('arch'), str) else None,
-        epoch=int(content['epoch']) if isinstance(content.get('epoch'), (int, torch.Tensor)) else None,
-        metric=float(metric) if isinstance(metric, (int, float, torch.Tensor)) else None,
-        metric_name=metric_name,
-        args=args,
-    )
+    return content if isinstance(content, dict) else {}
 
 
 def check_fits(

@@ -12,12 +12,14 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 from huggingface_hub.errors import HfHubHTTPError
-from timm.models import get_pretrained_cfg, list_pretrained, split_model_name_tag
+from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
 from .cards import render_model_card
 from .checkpoint import CheckpointError
-from .convert import ConversionError, convert_checkpoint
-from .hub import NAMESPACE_ENV, PretrainedWeightsError, cached_weights, hub_namespace, hub_repo_id
+from .convert import convert_checkpoint
+from .hub import PretrainedWeightsError, cached_weights
+from .hub_folder import HubFolderError
+from .hub_repos import NAMESPACE_ENV, hub_namespace, hub_repo_id
 from .measure import measure_model
 from .models.epsanet import MODEL_NAMES
 from .publish import push_folder
@@ -27,7 +29,7 @@ __all__ = ['COMMANDS', 'main']
 
 # What a user can fix: shown as one line, not a traceback.
 USER_ERRORS = (
-    CheckpointError, ConversionError, PretrainedWeightsError, QuickstartError, HfHubHTTPError, OSError, ValueError,
+    CheckpointError, HubFolderError, PretrainedWeightsError, QuickstartError, HfHubHTTPError, OSError, ValueError,
 )
 
 
@@ -141,16 +143,16 @@ def _info(args: argparse.Namespace) -> None:
     rows = [('model', 'params (M)', 'GMACs', 'input', 'pretrained tag', 'Hub repo', 'local cache')]
     for name in [args.name] if args.name else MODEL_NAMES:
         facts = measure_model(name)
-        for tagged in list_pretrained(f'{name}.*'):
+        for tagged in list_models(name, include_tags=True):
             repo_id = get_pretrained_cfg(tagged).hf_hub_id
             rows.append((
                 name, f'{facts.params / 1e6:.2f}', f'{facts.macs / 1e9:.2f}', 'x'.join(map(str, facts.input_size[1:])),
-                tagged, repo_id, cached_weights(repo_id) or 'not cached',
+                tagged, repo_id or 'none published', (cached_weights(repo_id) or 'not cached') if repo_id else '-',
             ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"\nHub namespace: {namespace} (set {NAMESPACE_ENV} to use another). "
+    print(f"\nHub namespace: {namespace} (set {NAMESPACE_ENV} to load your own published weights). "
           f"timm.create_model('<model>', pretrained=True) downloads the repo's model.safetensors; where none "
           f"is published it fails and says how to publish your own (timm-epsa convert, timm-epsa push).")
 

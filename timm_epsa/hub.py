@@ -1,20 +1,21 @@
-"""Where EPSANet weights live on the Hugging Face Hub and how ``pretrained=True`` fetches them.
+"""What ``pretrained=True`` does for EPSANet beyond timm: safetensors only from the Hub, and errors
+that say what to do.
 
-The pretrained cfgs point at ``<namespace>/<model>.in1k`` and timm downloads from there through its
-own loading path, which keeps ``num_classes`` / ``in_chans`` adaptation and ``features_only``
-working. This module adds what timm does not do:
+The weights load through timm's own path (``build_model_with_cfg`` calls ``load_pretrained``),
+which adapts ``num_classes`` / ``in_chans`` and serves ``features_only``. :func:`install` wraps
+that one call, for EPSANet architectures only, with two rules:
 
-* downloads are pinned to ``model.safetensors``: timm would otherwise fall back to unpickling a
-  ``pytorch_model.bin``, and nothing from the Hub is unpickled here;
-* a missing, private, damaged or unreachable repo fails with an error that names the repo and says
-  what to do, because until someone publishes weights that is what ``pretrained=True`` meets.
+* from the Hub, weights come only as ``model.safetensors``: timm would otherwise fall back to a
+  pickle (``pytorch_model.bin``);
+* a load that cannot succeed (no weights published, a missing, private or gated repo, offline
+  without a cached copy, a damaged upload, weights of another architecture) raises
+  :class:`PretrainedWeightsError` naming the repo and the ways out: never a random init.
 
-It is imported with the models, so it stays light; publishing is in :mod:`timm_epsa.publish`.
+Where the weights come from is decided by timm (``_resolve_pretrained_source``); this module asks
+it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.publish`.
 """
-import dataclasses
-import os
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Union
+import functools
+from typing import Any, Callable, Dict, Optional
 
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.errors import (
@@ -26,26 +27,21 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
-from timm.models import PretrainedCfg, resolve_pretrained_cfg
+from timm.models import _builder
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 
 from .checkpoint import CheckpointMismatchError
+from .hub_repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
+from .models.epsanet import MODEL_NAMES
 
-__all__ = [
-    'DEFAULT_NAMESPACE', 'NAMESPACE_ENV', 'PretrainedWeightsError', 'WEIGHTS_NAME', 'cached_weights',
-    'configured_namespace', 'explain_load_errors', 'hub_namespace', 'hub_repo_id', 'hub_repo_to_load',
-    'pretrained_cfg_for_loading',
-]
+__all__ = ['CARD_NAME', 'CONFIG_NAME', 'PretrainedWeightsError', 'WEIGHTS_NAME', 'cached_weights', 'install']
 
-NAMESPACE_ENV = 'TIMM_EPSA_HUB_NAMESPACE'
-DEFAULT_NAMESPACE = 'timm-epsa'
-DEFAULT_TAG = 'in1k'
 WEIGHTS_NAME = HF_SAFE_WEIGHTS_NAME
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
+_HUB_ERRORS = (CheckpointMismatchError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, SafetensorError)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -53,80 +49,46 @@ class PretrainedWeightsError(RuntimeError):
     for and the ways out."""
 
 
-def configured_namespace() -> str:
-    """``$TIMM_EPSA_HUB_NAMESPACE``, else ``timm-epsa``, unchecked: the models register with it
-    whatever it is, so that a bad value costs pretrained weights only, not the models."""
-    return os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+def install() -> None:
+    """Attach the rules to timm's ``load_pretrained``; other architectures load exactly as before.
+    Idempotent."""
+    if not getattr(_builder.load_pretrained, '_timm_epsa_rules', False):
+        _builder.load_pretrained = _with_epsanet_rules(_builder.load_pretrained)
 
 
-def hub_namespace() -> str:
-    """The Hub user or organisation that hosts the weights, :func:`configured_namespace` checked.
+def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(timm_load_pretrained)
+    def load_pretrained(model, pretrained_cfg: Optional[Dict[str, Any]] = None, *args, **kwargs) -> None:
+        cfg = pretrained_cfg or getattr(model, 'pretrained_cfg', None) or {}
+        model_name = cfg.get('architecture')
+        if model_name not in MODEL_NAMES:
+            return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
+        load_from, _ = _builder._resolve_pretrained_source(cfg)
+        if not load_from:
+            raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
+        if load_from != 'hf-hub':  # a file, folder or state dict the user named: timm's errors name it
+            return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
+        repo_id = cfg['hf_hub_id']
+        filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
+        if not filename.endswith('.safetensors'):
+            raise PretrainedWeightsError(
+                f"hf_hub_filename={filename!r} for Hub repo '{repo_id}': weights are loaded from the Hub only as "
+                f"safetensors, a pickle is never unpickled. {_ways_out(model_name)}")
+        try:
+            return timm_load_pretrained(model, {**cfg, 'hf_hub_filename': filename}, *args, **kwargs)
+        except _HUB_ERRORS as e:
+            raise PretrainedWeightsError(_explain(e, repo_id, filename, model_name)) from e
 
-    Raises ``ValueError`` naming the variable for a value that cannot be a Hub name.
-    """
-    namespace = configured_namespace()
-    try:
-        validate_repo_id(namespace)
-        valid = '/' not in namespace
-    except HFValidationError:
-        valid = False
-    if not valid:
-        raise ValueError(
-            f"{NAMESPACE_ENV}={namespace!r} is not a Hugging Face user or organisation name (letters, digits, "
-            f"'-', '_', '.'; no '/' or spaces): pretrained weights are looked up at '<namespace>/<model>.{DEFAULT_TAG}'"
-        )
-    return namespace
-
-
-def hub_repo_id(model_name: str, tag: str = DEFAULT_TAG, namespace: Optional[str] = None) -> str:
-    """The repo ``create_model(model_name + '.' + tag, pretrained=True)`` downloads from, in
-    ``namespace`` (default :func:`hub_namespace`)."""
-    return f'{namespace or hub_namespace()}/{model_name}.{tag}'
-
-
-def hub_repo_to_load(cfg: PretrainedCfg) -> Optional[str]:
-    """The Hub repo timm will download ``cfg``'s weights from, or None when a state dict, a file or a
-    local folder takes precedence (timm's order of sources)."""
-    if cfg.source == 'hf-hub':
-        return cfg.hf_hub_id
-    if cfg.source == 'local-dir' or cfg.state_dict is not None or cfg.file:
-        return None
-    return cfg.hf_hub_id or None
+    load_pretrained._timm_epsa_rules = True
+    return load_pretrained
 
 
-def pretrained_cfg_for_loading(
-        variant: str,
-        pretrained_cfg: Union[None, str, Dict[str, Any], PretrainedCfg] = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> PretrainedCfg:
-    """Resolve the cfg as timm does and, when it points at the Hub, pin the download to safetensors.
-
-    ``hf-hub:`` configs (``config.json`` drops the file name) and overlays naming a pickle would
-    otherwise let timm fetch and unpickle ``pytorch_model.bin``.
-    """
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
-    repo_id = hub_repo_to_load(cfg)
-    if repo_id is None:
-        return cfg
-    filename = cfg.hf_hub_filename or WEIGHTS_NAME
-    if not filename.endswith('.safetensors'):
-        raise PretrainedWeightsError(
-            f"hf_hub_filename={filename!r} for Hub repo '{repo_id}': weights are loaded from the Hub only as "
-            f"safetensors, a pickle is never unpickled. {_ways_out(cfg.architecture or variant)}"
-        )
-    return dataclasses.replace(cfg, hf_hub_filename=filename, custom_load=False)
-
-
-@contextmanager
-def explain_load_errors(cfg: PretrainedCfg) -> Iterator[None]:
-    """Turn what a failed download or load from the Hub raises into a :class:`PretrainedWeightsError`."""
-    repo_id = hub_repo_to_load(cfg)
-    try:
-        yield
-    except (CheckpointMismatchError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, SafetensorError) as e:
-        if repo_id is None:
-            raise
-        raise PretrainedWeightsError(_explain(e, repo_id, cfg.hf_hub_filename or WEIGHTS_NAME, cfg.architecture)) from e
+def _no_weights(model_name: str, tag: Optional[str]) -> str:
+    tagged = f'{model_name}.{tag or DEFAULT_TAG}'
+    return (
+        f'No pretrained weights are published for {tagged}: the EPSANet authors released none and this package '
+        f'has none yet, so pretrained=True has nothing to load. {_ways_out(model_name)}'
+    )
 
 
 def _explain(error: Exception, repo_id: str, filename: str, model_name: str) -> str:

@@ -28,12 +28,14 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import random_seed
+from timm.utils import accuracy, random_seed
 
 from . import __version__
 from .cards import CardDataset
-from .convert import check_destination, staged_folder, write_hub_folder
-from .hub import WEIGHTS_NAME, hub_repo_id
+from .hub import WEIGHTS_NAME
+from .hub_folder import write_hub_folder
+from .hub_repos import hub_repo_id
+from .staging import check_destination, staged_folder
 
 __all__ = [
     'DEFAULT_OUTPUT', 'MODEL_NAME', 'QuickstartError', 'QuickstartResult', 'Recipe', 'create_digits_model',
@@ -244,8 +246,9 @@ def predict(model: nn.Module, loader: DataLoader) -> Tuple[torch.Tensor, torch.T
     return torch.cat(outputs), torch.cat(targets)
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return (logits.argmax(dim=1) == targets).float().mean().item()
+def top1(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy as a fraction, as the quickstart reports it (timm's ``accuracy`` gives percent)."""
+    return accuracy(logits, targets, topk=(1,))[0].item() / 100
 
 
 def run_quickstart(
@@ -285,10 +288,10 @@ def run_quickstart(
         start = time.perf_counter()
         loss = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, epoch)
         logits, targets = predict(model, eval_loader)
-        log(f'epoch {epoch + 1}/{recipe.epochs}  loss {loss:.4f}  held-out accuracy {accuracy(logits, targets):.4f}  '
+        log(f'epoch {epoch + 1}/{recipe.epochs}  loss {loss:.4f}  held-out accuracy {top1(logits, targets):.4f}  '
             f'({time.perf_counter() - start:.1f} s)')
 
-    trained_accuracy = accuracy(logits, targets)
+    trained_accuracy = top1(logits, targets)
     with staged_folder(out_dir) as staging:
         log(f'writing {out_dir}')
         write_hub_folder(
@@ -310,7 +313,7 @@ def run_quickstart(
         path=out_dir,
         repo_id=repo_id,
         accuracy=trained_accuracy,
-        reloaded_accuracy=accuracy(reloaded_logits, targets),
+        reloaded_accuracy=top1(reloaded_logits, targets),
         logits=logits,
         reloaded_logits=reloaded_logits,
     )
@@ -332,7 +335,7 @@ def _check_reloaded(logits: torch.Tensor, reloaded: torch.Tensor, targets: torch
     if not torch.equal(logits, reloaded):
         raise QuickstartError(
             f'the model loaded back does not compute what was trained: held-out accuracy '
-            f'{accuracy(reloaded, targets):.4f} reloaded vs {accuracy(logits, targets):.4f} trained, '
+            f'{top1(reloaded, targets):.4f} reloaded vs {top1(logits, targets):.4f} trained, '
             f'logits differ by up to {(logits - reloaded).abs().max().item():.3g}')
 
 

@@ -18,7 +18,6 @@ Variants:
       describes, see README.
 """
 import math
-from functools import partial
 from typing import Any, Dict, Optional, Type
 
 import torch
@@ -30,13 +29,13 @@ from timm.models import build_model_with_cfg, clean_state_dict, generate_default
 from timm.models.resnet import ResNet
 
 from ..checkpoint import check_fits
-from ..hub import configured_namespace, explain_load_errors, hub_repo_id, pretrained_cfg_for_loading
+from ..hub_repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck', 'MODEL_NAMES']
 
-SMALL_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8, 16))
-LARGE_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(32, 32, 32, 32))
+# Small is the PSA layer's default schedule; Large keeps its kernels with 32 groups per branch.
+LARGE_PSA = dict(groups=(32, 32, 32, 32))
 
 
 class EPSABottleneck(nn.Module):
@@ -44,7 +43,7 @@ class EPSABottleneck(nn.Module):
 
     Accepts every keyword timm's ``ResNet`` passes to its blocks; ``cardinality`` and ``base_width``
     set the bottleneck width exactly as in timm's ``Bottleneck`` while the PSA branch groups come
-    from ``psa_kwargs``.
+    from ``psa_kwargs`` (default: the layer's own, EPSANet Small's).
     """
     expansion = 4
 
@@ -87,7 +86,7 @@ class EPSABottleneck(nn.Module):
             stride=1 if use_aa else stride,
             dilation=first_dilation,
             act_layer=act_layer,
-            **(psa_kwargs or SMALL_PSA),
+            **(psa_kwargs or {}),
             **dd,
         )
         self.bn2 = norm_layer(width, **dd)
@@ -160,23 +159,14 @@ def _create_epsanet(
         variant: str,
         pretrained: bool = False,
         psa_kwargs: Optional[Dict[str, Any]] = None,
-        pretrained_cfg: Optional[Any] = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         **kwargs,
 ) -> ResNet:
     # Merge rather than replace block_args so that e.g. block_args=dict(attn_layer='se') keeps the
     # variant's PSA schedule.
-    kwargs['block_args'] = {'psa_kwargs': psa_kwargs or SMALL_PSA, **(kwargs.get('block_args') or {})}
+    kwargs['block_args'] = {'psa_kwargs': psa_kwargs, **(kwargs.get('block_args') or {})}
     kwargs.setdefault('block', EPSABottleneck)
     kwargs.setdefault('zero_init_last', False)  # the official init leaves the last BN at 1
-    build = partial(build_model_with_cfg, ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn)
-    if not pretrained:
-        return build(pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
-    # Weights load through timm's own path (which adapts num_classes / in_chans); the cfg is pinned to
-    # safetensors first, and a repo without usable weights fails with an error that says what to do.
-    cfg = pretrained_cfg_for_loading(variant, pretrained_cfg, pretrained_cfg_overlay)
-    with explain_load_errors(cfg):
-        return build(pretrained_cfg=cfg, **kwargs)
+    return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -196,10 +186,10 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 MODEL_NAMES = ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
 
-# Weights live on the Hub as '<namespace>/<model>.in1k', the namespace read from
-# TIMM_EPSA_HUB_NAMESPACE here, when the models are registered (see timm_epsa.hub).
+# A tag has a Hub repo, and timm lists it as pretrained, only where weights can exist: see
+# timm_epsa.hub_repos (read here, when the models register).
 default_cfgs = generate_default_cfgs({
-    f'{name}.in1k': _cfg(hf_hub_id=hub_repo_id(name, namespace=configured_namespace())) for name in MODEL_NAMES
+    f'{name}.in1k': _cfg(hf_hub_id=registered_repo_id(name, 'in1k')) for name in MODEL_NAMES
 })
 
 
@@ -207,14 +197,14 @@ default_cfgs = generate_default_cfgs({
 def epsanet50(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet-50 (Small): the official network, 22.56M params."""
     model_args = dict(layers=(3, 4, 6, 3))
-    return _create_epsanet('epsanet50', pretrained, psa_kwargs=SMALL_PSA, **dict(model_args, **kwargs))
+    return _create_epsanet('epsanet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def epsanet101(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet-101 (Small): the official network, 38.90M params."""
     model_args = dict(layers=(3, 4, 23, 3))
-    return _create_epsanet('epsanet101', pretrained, psa_kwargs=SMALL_PSA, **dict(model_args, **kwargs))
+    return _create_epsanet('epsanet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

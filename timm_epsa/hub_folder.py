@@ -1,0 +1,85 @@
+"""A model as a folder the Hub serves and timm loads: ``model.safetensors``, ``config.json`` and a card.
+
+``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, so
+``timm.create_model('hf-hub:<repo>')`` reads the folder like any timm repo; the ``README.md`` is the
+model card of :mod:`timm_epsa.cards`. A folder is checked by loading it back the way users will.
+"""
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import timm
+import torch
+from torch import nn
+
+from timm.models import save_for_hf
+
+from .cards import IMAGENET_1K, CardDataset, render_model_card
+from .hub import CARD_NAME
+from .measure import ModelFacts, measure_model
+
+__all__ = ['HubFolderError', 'verify_hub_folder', 'write_hub_folder']
+
+
+class HubFolderError(RuntimeError):
+    """A written folder does not load back to the model it was written from (a bug, not a bad input)."""
+
+
+def write_hub_folder(
+        model: nn.Module,
+        folder: Path,
+        repo_id: str,
+        top1: Optional[float] = None,
+        top5: Optional[float] = None,
+        dataset: CardDataset = IMAGENET_1K,
+        weights: Optional[str] = None,
+        train_args: Optional[str] = None,
+        log: Callable[[str], None] = lambda message: None,
+) -> ModelFacts:
+    """Write ``model`` (an EPSANet in eval mode) into ``folder`` as the Hub serves it, and check it loads back.
+
+    ``config.json`` carries ``model.pretrained_cfg``, so a model built with the input size, mean/std
+    and labels it was trained with is published with them. ``folder`` is meant to be the one
+    :func:`timm_epsa.staging.staged_folder` yields, so that nothing unverified ever appears under
+    the final name.
+
+    Args:
+        top1, top5: accuracy in percent on ``dataset``, for the model card.
+        weights: one line on where the weights come from.
+        train_args: the training command line, for the model card.
+    """
+    model_name = model.pretrained_cfg['architecture']
+    log(f'measuring {model_name}')
+    facts = measure_model(model_name, num_classes=model.num_classes, input_size=model.pretrained_cfg['input_size'])
+    save_for_hf(model, folder, safe_serialization=True)
+    card = render_model_card(
+        model_name,
+        repo_id,
+        facts,
+        {**model.pretrained_cfg, 'num_classes': model.num_classes},
+        top1=top1,
+        top5=top5,
+        dataset=dataset,
+        weights=weights,
+        train_args=train_args,
+    )
+    (folder / CARD_NAME).write_text(card, encoding='utf-8')
+    log('verifying: strict load of the new folder, every tensor against the source, a forward pass')
+    verify_hub_folder(folder, model.state_dict(), model)
+    return facts
+
+
+def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: nn.Module) -> None:
+    """Load ``folder`` as timm loads a Hub repo (its config.json, then its safetensors into the named
+    model, strictly) and check that every tensor equals ``source`` and the outputs equal ``reference``'s."""
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    loaded_tensors = loaded.state_dict()
+    differing = [k for k, v in source.items() if not torch.equal(loaded_tensors[k], v.to(loaded_tensors[k].dtype))]
+    if differing:
+        raise HubFolderError(f'{len(differing)} tensors changed in conversion, e.g. {differing[0]}')
+    # The tensors are already known to be equal: the forward pass shows the model the folder builds
+    # runs and computes what the source computes, which any image size shows, so a small one is used.
+    x = torch.randn(1, loaded.pretrained_cfg['input_size'][0], 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output, expected = loaded(x), reference(x)
+    if not torch.allclose(output, expected, rtol=1e-5, atol=1e-5, equal_nan=True):
+        raise HubFolderError('the converted model does not reproduce the source model outputs')
