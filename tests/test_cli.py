@@ -18,6 +18,7 @@ from timm.models import save_for_hf
 from cli_run import assert_one_line_error, run_cli
 from timm_epsa import cli
 from timm_epsa.checkpoint import CheckpointError, read_checkpoint
+from timm_epsa.hub_config import transformers_compatible
 from timm_epsa.hub_repos import NAMESPACE_ENV
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
@@ -35,7 +36,8 @@ def test_convert_writes_what_timm_writes_and_a_card(converted, tmp_path):
     assert all(torch.equal(tensors[k], v) for k, v in source.state_dict().items())
 
     save_for_hf(source, tmp_path, safe_serialization=True)  # what timm's own push_to_hf_hub uploads
-    assert json.loads((folder / 'config.json').read_text()) == json.loads((tmp_path / 'config.json').read_text())
+    timm_config = json.loads((tmp_path / 'config.json').read_text())
+    assert json.loads((folder / 'config.json').read_text()) == transformers_compatible(timm_config)
 
     card = ModelCard.load(folder / 'README.md')
     assert card.data.library_name == 'timm'

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -120,3 +121,18 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path, resnet50_state
             r'the checkpoint does not fit epsanet50: .*missing: layer1\.0\.conv2\.conv_1\.weight .*'
             r'unexpected: layer1\.0\.conv2\.weight \(64, 64, 3, 3\)')):
         timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def test_backbone_weights_of_a_model_with_other_classes_load_for_features(tmp_path):
+    """A fine-tuned model's file (10 classes) serves as the backbone of a detector or segmenter
+    (features_only), with no class count given: timm drops its classifier."""
+    torch.manual_seed(0)
+    tuned = timm.create_model('epsanet50', layers=(1, 1, 1, 1), num_classes=10).eval()
+    path = tmp_path / 'tuned.safetensors'
+    safetensors.torch.save_file(tuned.state_dict(), path)
+    backbone = timm.create_model(
+        'epsanet50', layers=(1, 1, 1, 1), features_only=True, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x)[-1], tuned.forward_features(x))

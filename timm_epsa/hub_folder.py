@@ -1,8 +1,9 @@
 """A model as a folder the Hub serves and timm loads: ``model.safetensors``, ``config.json`` and a card.
 
-``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, so
-``timm.create_model('hf-hub:<repo>')`` reads the folder like any timm repo; the ``README.md`` is the
-model card of :mod:`timm_epsa.cards`. A folder is checked by loading it back the way users will.
+``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, adjusted so
+that transformers loads the folder too (:mod:`timm_epsa.hub_config`); ``timm.create_model('hf-hub:<repo>')``
+reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.cards`. A folder
+is checked by loading it back the way users will.
 """
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -11,10 +12,9 @@ import timm
 import torch
 from torch import nn
 
-from timm.models import save_for_hf
-
 from .cards import IMAGENET_1K, CardDataset, render_model_card
 from .hub import CARD_NAME
+from .hub_config import save_for_hub
 from .measure import ModelFacts, measure_model
 
 __all__ = ['HubFolderError', 'verify_hub_folder', 'write_hub_folder']
@@ -50,7 +50,7 @@ def write_hub_folder(
     model_name = model.pretrained_cfg['architecture']
     log(f'measuring {model_name}')
     facts = measure_model(model_name, num_classes=model.num_classes, input_size=model.pretrained_cfg['input_size'])
-    save_for_hf(model, folder, safe_serialization=True)
+    save_for_hub(model, folder)  # timm's save_for_hf, config.json loadable by transformers too
     card = render_model_card(
         model_name,
         repo_id,

@@ -12,17 +12,38 @@ ways that trained weights depend on:
     * the branches are concatenated in reverse order (largest kernel first), which the BatchNorm
       after the layer has learned to expect.
 """
-from typing import List, Sequence, Type
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm.layers import LayerType, create_act_layer, get_act_layer, register_notrace_module
+
 from .grouped_conv import grouped_conv2d, prefers_depthwise
 
 # Its device test is data-dependent control flow for torch.fx: keep the call a leaf of fx graphs
-# (fx patches the name in the globals of the module that calls it, so this is the place).
+# made by tracers that do not know timm's registry (torch.fx.symbolic_trace, torchvision's feature
+# extraction); fx patches the name in the globals of the module that calls it, so this is the place.
+# timm's own feature extraction stops one level up, at PSABranchConv (registered below).
 torch.fx.wrap('grouped_conv2d')
+
+
+def _create_act(act_layer: LayerType) -> nn.Module:
+    """An activation module the way timm layers make one (``create_act_layer``, in place where it can
+    be), ``nn.Identity`` for None, with a one-line error for a name or an instance it cannot use."""
+    if isinstance(act_layer, nn.Module):
+        raise TypeError(
+            f"act_layer={act_layer!r} is a module instance; pass its class or name "
+            f"(e.g. nn.GELU or 'gelu', not nn.GELU()) so that each layer makes its own.")
+    try:
+        act_layer = get_act_layer(act_layer)
+    except KeyError:
+        raise ValueError(
+            f'act_layer={act_layer!r} is not an activation timm knows; pass a name timm.layers.get_act_layer '
+            f"takes (e.g. 'relu', 'silu', 'gelu') or an nn.Module class.") from None
+    act = create_act_layer(act_layer, inplace=True)
+    return nn.Identity() if act is None else act
 
 
 class SEWeight(nn.Module):
@@ -34,13 +55,21 @@ class SEWeight(nn.Module):
     all branches through this one shared module as a single batch. The layers are 1x1
     convolutions, as in the official code, so their weights load unchanged; they run as the matrix
     products they are, which costs a fraction of a convolution call.
+
+    Args:
+        channels: Channels of the pooled descriptors (and of the gates).
+        reduction: Hidden width is ``channels // reduction``; at least 1 is required.
+        act_layer: Activation between the two layers: a name timm knows (``'relu'``, ``'silu'``,
+            ``'gelu'``, ...), an ``nn.Module`` class, or None for none.
+        device: Device of the parameters.
+        dtype: Data type of the parameters.
     """
 
     def __init__(
             self,
             channels: int,
             reduction: int = 16,
-            act_layer: Type[nn.Module] = nn.ReLU,
+            act_layer: LayerType = nn.ReLU,
             device=None,
             dtype=None,
     ):
@@ -52,7 +81,7 @@ class SEWeight(nn.Module):
                 f'SEWeight: channels={channels} // reduction={reduction} leaves no hidden channel; '
                 f'use a reduction of at most {channels}.')
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True, **dd)
-        self.act = act_layer(inplace=True)
+        self.act = _create_act(act_layer)
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True, **dd)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -61,6 +90,7 @@ class SEWeight(nn.Module):
         return x.sigmoid().view(pooled.shape)
 
 
+@register_notrace_module  # a leaf in timm's fx feature extraction, as timm's own Conv2d variants
 class PSABranchConv(nn.Conv2d):
     """One PSA branch: a grouped convolution computed by the faster of two equivalent algorithms.
 
@@ -118,6 +148,22 @@ class PyramidSqueezeAttention(nn.Module):
 
     Parameter names (``conv_1`` ... ``conv_S``, ``se.fc1``, ``se.fc2``) match the official
     ``PSAModule`` so its state dicts load strictly.
+
+    A drop-in for a 3x3 convolution in any network (``in_chs`` -> ``out_chs`` at ``stride``); it
+    traces with torch.fx and timm's feature extraction.
+
+    Args:
+        in_chs: Input channels; every branch convolves all of them.
+        out_chs: Output channels, split evenly between the branches.
+        stride: Stride of every branch.
+        dilation: Dilation of every branch (padding keeps the output centred).
+        kernel_sizes: Kernel size of each branch, odd; one branch per entry.
+        groups: Group count of each branch; each must divide ``in_chs`` and ``out_chs / len(kernel_sizes)``.
+        reduction: Reduction of the shared SE gate (hidden width ``out_chs / len(kernel_sizes) // reduction``).
+        act_layer: Activation inside the SE gate: a name timm knows (``'relu'``, ``'silu'``,
+            ``'gelu'``, ...), an ``nn.Module`` class, or None for none.
+        device: Device of the parameters.
+        dtype: Data type of the parameters.
     """
 
     def __init__(
@@ -129,7 +175,7 @@ class PyramidSqueezeAttention(nn.Module):
             kernel_sizes: Sequence[int] = (3, 5, 7, 9),
             groups: Sequence[int] = (1, 4, 8, 16),
             reduction: int = 16,
-            act_layer: Type[nn.Module] = nn.ReLU,
+            act_layer: LayerType = nn.ReLU,
             device=None,
             dtype=None,
     ):

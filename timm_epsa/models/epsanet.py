@@ -139,17 +139,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     prefixed ``module.`` by DataParallel; its parameter names are otherwise ours. The check runs
     here, before timm adapts the classifier and input conv, because timm loads non-strictly whenever
     it drops the classifier (``num_classes`` changed, ``features_only``) and would then leave a
-    foreign backbone silently half-loaded. The tensors timm adapts are left out of the comparison.
+    foreign backbone silently half-loaded. The check is of the backbone: the classifier is left out
+    (timm drops it, or its strict load names one of another size; this filter cannot tell which,
+    it does not see ``features_only``), and so is the input conv's shape, which timm adapts.
     """
     state_dict = clean_state_dict(state_dict.get('state_dict', state_dict))
     cfg = model.pretrained_cfg
-    classifier_dropped = model.num_classes != cfg.get('num_classes', model.num_classes)
     check_fits(
         state_dict,
         model,
         what='the checkpoint',
         architecture=cfg.get('architecture', type(model).__name__),
-        skip_keys=(f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias") if classifier_dropped else (),
+        skip_keys=(f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias"),
         skip_shapes=(f"{cfg.get('first_conv')}.weight",),
     )
     return state_dict
