@@ -15,8 +15,9 @@ the finder wraps timm's own loader, lets ``timm/__init__.py`` run to completion 
 second time is a no-op, so ``import timm_epsa`` before, after or instead of ``import timm`` still
 registers each model exactly once.
 
-A plugin that fails to load never breaks ``import timm``: it costs one ``RuntimeWarning`` naming
-the entry point and the error, and the other plugins still load.
+A plugin that fails to load never breaks ``import timm``, not even one that calls ``sys.exit()``
+as it is imported: it costs one ``RuntimeWarning`` naming the entry point and the error, and the
+other plugins still load. Only Ctrl-C (``KeyboardInterrupt``) goes through.
 """
 import sys
 
@@ -111,7 +112,7 @@ def load_plugins() -> None:
     for ep in plugins.values():
         try:
             ep.load()
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             warnings.warn(
                 f'timm model plugin {ep.name!r} ({ep.value}, entry-point group {ENTRY_POINT_GROUP!r}) '
                 f'failed to load and was skipped: {type(e).__name__}: {e}',

@@ -19,9 +19,10 @@ from setuptools.command.build import build
 # (`__editable__.timm_epsa-*.pth`), which is what makes `_timm_epsa_autoload` importable there.
 PTH_NAME = 'timm_epsa_autoload.pth'
 
+# TIMM_EPSA_AUTOLOAD=0 (or false, no, off, in any case) turns the hook off.
 _PTH_CODE = '''\
 try:
-    if os.environ.get('TIMM_EPSA_AUTOLOAD') != '0':
+    if os.environ.get('TIMM_EPSA_AUTOLOAD', '').strip().lower() not in ('0', 'false', 'no', 'off'):
         import _timm_epsa_autoload
         _timm_epsa_autoload.install()
 except Exception:  # a broken install must never break interpreter start-up

@@ -10,6 +10,11 @@ a HEAD, then a GET, on ``/<org>/<repo>/resolve/<revision>/<filename>``, answered
 or file is a 404 whose ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``)
 selects the exception huggingface_hub raises. Each served repo is a local folder.
 
+It can also misbehave as the tests need: ``silent`` accepts connections and never answers,
+``any_revision`` resolves every revision (as the Hub resolves branch and tag names) and
+``damaged`` lists ``(repo_id, filename)`` whose bytes it alters on the way while stating the
+true file's ETag (its sha256) and size.
+
 huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` when it is imported, so
 the in-process fixture patches the constants it derived from them; a subprocess gets the variables.
 """
@@ -20,7 +25,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 import timm
@@ -32,6 +37,9 @@ from timm_epsa.convert import convert_checkpoint
 
 # The server stops by itself after this long, should a test never stop it.
 LIFETIME_S = 600
+# A training argument a checkpoint could record, which would close the card's code block and add a
+# heading and raw HTML to the card, were it pasted in as it is.
+HOSTILE_AA = 'rand-m9\n```\n# Injected heading\n<img src=x onerror=alert(1)>'
 
 
 class HubStub:
@@ -40,6 +48,10 @@ class HubStub:
     def __init__(self):
         self.repos: Dict[str, Path] = {}
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request, in order
+        self.silent = False
+        self.any_revision = False
+        self.damaged: Set[Tuple[str, str]] = set()
+        self._stopped = threading.Event()
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -85,6 +97,7 @@ class HubStub:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self._deadline.cancel()
         if self._thread.is_alive():
             self._server.shutdown()
@@ -92,6 +105,10 @@ class HubStub:
 
     def _answer(self, handler: http.server.BaseHTTPRequestHandler, send_body: bool) -> None:
         self.requests.append((handler.command, handler.path))
+        if self.silent:
+            self._stopped.wait(LIFETIME_S)
+            handler.close_connection = True
+            return
         parts = handler.path.split('?')[0].strip('/').split('/')
         if len(parts) < 5 or parts[2] != 'resolve':
             return self._error(handler, 404, 'RepoNotFound', 'Repository not found')
@@ -99,7 +116,7 @@ class HubStub:
         if repo_id not in self.repos:
             return self._error(handler, 404, 'RepoNotFound', 'Repository not found')
         commit = self.commit(repo_id)
-        if revision not in ('main', commit):
+        if revision not in ('main', commit) and not self.any_revision:
             return self._error(handler, 404, 'RevisionNotFound', 'Invalid rev id', commit=None)
         path = self.repos[repo_id] / filename
         if not path.is_file():
@@ -111,6 +128,8 @@ class HubStub:
         handler.send_header('X-Repo-Commit', commit)
         handler.end_headers()
         if send_body:
+            if (repo_id, filename) in self.damaged:  # the last byte: a safetensors file stays valid
+                content = content[:-1] + bytes([content[-1] ^ 1])
             handler.wfile.write(content)
 
     @staticmethod
@@ -182,8 +201,9 @@ def hub(tmp_path, monkeypatch) -> Iterator[HubStub]:
 @pytest.fixture(scope='session')
 def converted(tmp_path_factory) -> Tuple[Path, Path, torch.nn.Module]:
     """(checkpoint, folder, source): what timm's train.py saves for epsanet50 (random weights with
-    non-trivial BN statistics, an EMA copy, its args), the folder ``timm-epsa convert`` made of it,
-    and the model the plain weights make, in eval mode. Made once, for the tests that only read them."""
+    non-trivial BN statistics, an EMA copy, its args, one of which is :data:`HOSTILE_AA`), the folder
+    ``timm-epsa convert`` made of it, and the model the plain weights make, in eval mode. Made once,
+    for the tests that only read them."""
     root = tmp_path_factory.mktemp('converted')
     checkpoint = root / 'checkpoint-119.pth.tar'
     with one_thread():
@@ -197,7 +217,8 @@ def converted(tmp_path_factory) -> Tuple[Path, Path, torch.nn.Module]:
             'state_dict': state_dict,
             'state_dict_ema': {k: v * 1.01 if v.is_floating_point() else v for k, v in state_dict.items()},
             'metric': 77.41,
-            'args': argparse.Namespace(model='epsanet50', epochs=120, opt='sgd', lr=0.1, eval_metric='top1'),
+            'args': argparse.Namespace(
+                model='epsanet50', epochs=120, opt='sgd', lr=0.1, eval_metric='top1', aa=HOSTILE_AA),
             'version': 2,
         }, checkpoint)
         folder = convert_checkpoint(checkpoint, root / 'epsanet50.in1k', 'epsanet50', top1=77.4, top5=93.5).path

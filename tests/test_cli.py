@@ -20,6 +20,7 @@ from timm_epsa import cli
 from timm_epsa.checkpoint import CheckpointError, read_checkpoint
 from timm_epsa.hub_config import transformers_compatible
 from timm_epsa.hub_repos import NAMESPACE_ENV
+from timm_epsa.staging import staged_folder
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -51,6 +52,10 @@ def test_convert_writes_what_timm_writes_and_a_card(converted, tmp_path):
                  '| **EPSANet-50 (Small)** | **22.56**', 'Mask R-CNN', '--decay-epochs 30',
                  '@inproceedings{zhang2022epsanet'):
         assert text in card.text, text
+    # the recorded arguments as one shell line, in a code block their backticks cannot close
+    assert ("\n````\n--model epsanet50 --epochs 120 --opt sgd --lr 0.1 "
+            "--aa 'rand-m9 ``` # Injected heading <img src=x onerror=alert(1)>'\n````\n") in card.text
+    assert '\n# Injected' not in card.text and card.text.count('<img') == 1
 
 
 @pytest.mark.parametrize('content, ema, kind, keys, metric', [
@@ -157,7 +162,8 @@ def test_convert_failing_midway_leaves_nothing(converted, capsys, monkeypatch, t
 @pytest.mark.parametrize('existing', [False, True], ids=['new-folder', 'force-over-old-folder'])
 def test_convert_killed_midway_leaves_no_partial_folder(converted, tmp_path, child_env, existing):
     """SIGKILL once the new folder is written but not yet in place: OUT_DIR is absent, or with
-    --force still the old one, whole."""
+    --force still the old one, whole; the next run writing OUT_DIR removes what the killed one left
+    and says so."""
     checkpoint, _, _ = converted
     out = tmp_path / 'out'
     if existing:
@@ -180,6 +186,13 @@ def test_convert_killed_midway_leaves_no_partial_folder(converted, tmp_path, chi
         assert not out.exists()
     partial, = tmp_path.glob('.out.*.partial')  # the killed run's work, hidden beside OUT_DIR
     assert sorted(p.name for p in partial.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name, '.out.timm-epsa.lock'] + ['out'] * existing
+
+    log = []
+    with staged_folder(out, force=True, log=log.append) as staging:
+        (staging / 'new.txt').write_text('new')
+    assert log == [f'removed {partial.name} beside {out}: the unfinished output of a timm-epsa run that was killed']
+    assert [p.name for p in tmp_path.iterdir()] == ['out'] and [p.name for p in out.iterdir()] == ['new.txt']
 
 
 def test_convert_force_replaces_only_with_a_complete_folder(converted, capsys, tmp_path):
@@ -242,6 +255,18 @@ def test_push_refuses_before_contacting_the_hub(converted, capsys, tmp_path, fak
     status, _, err = run_cli(capsys, 'push', tmp_path, 'me/epsanet50.in1k')
     assert status == 1
     assert_one_line_error(err, 'push', 'not a folder made by `timm-epsa convert`', 'model.safetensors')
+    status, _, err = run_cli(capsys, 'push', folder, 'timm-epsa/epsanet50.in1k', '--revision', '../x')
+    assert status == 1
+    assert_one_line_error(err, 'push', "revision '../x' is not the name of a branch, tag or commit")
+    linked = tmp_path / 'linked'
+    linked.mkdir()
+    for name in ('README.md', 'config.json'):
+        (linked / name).write_bytes((folder / name).read_bytes())
+    (linked / 'model.safetensors').symlink_to(tmp_path / 'secret')  # push would upload what it points to
+    (tmp_path / 'secret').write_text('not weights')
+    status, _, err = run_cli(capsys, 'push', linked, 'timm-epsa/epsanet50.in1k')
+    assert status == 1
+    assert_one_line_error(err, 'push', 'model.safetensors is a symlink, not a file convert wrote; refusing to upload')
     assert fake_hub_api == []
 
 

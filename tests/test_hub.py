@@ -1,9 +1,13 @@
 """Pretrained weights from the Hub: through a loopback stand-in for it (tests/hub_stub.py), serving
 a folder made by ``timm-epsa convert``."""
+import json
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -14,7 +18,8 @@ from huggingface_hub import constants
 import timm_epsa  # noqa: F401  registers the models
 from timm_epsa.models.epsanet import MODEL_NAMES
 from timm.models import save_for_hf
-from timm_epsa.hub import PretrainedWeightsError
+from timm_epsa.hub import PretrainedWeightsError, cached_weights
+from timm_epsa.hub_download import HubUnreachableError, InvalidRevisionError
 from timm_epsa.hub_repos import NAMESPACE_ENV, hub_namespace
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
@@ -221,3 +226,72 @@ def test_offline_without_a_cached_copy_says_so(hub):
             r'and it is not in the local cache')):
         timm.create_model('epsanet50', pretrained=True, **FROM_REPO)
     assert not _files_requested(hub)
+
+
+def test_weights_whose_bytes_do_not_match_their_sha256_are_refused_and_dropped_from_the_cache(converted, hub, x):
+    """The Hub states a file's sha256 as its ETag: a download that does not match is not loaded,
+    and is removed from the cache so that the next load downloads it anew."""
+    _, folder, source = converted
+    hub.serve(REPO, folder)
+    hub.damaged.add((REPO, 'model.safetensors'))  # one byte of the last tensor altered on the way
+    with pytest.raises(PretrainedWeightsError, match=(
+            r"The weights of Hub repo 'timm-epsa/epsanet50.in1k' were refused: the model.safetensors of "
+            r'timm-epsa/epsanet50.in1k in the cache does not match the sha256 the Hub states for it')):
+        timm.create_model('epsanet50', pretrained=True, **FROM_REPO)
+    assert cached_weights(REPO) is None and list(Path(constants.HF_HUB_CACHE).rglob('blobs/*')) == []
+    hub.damaged.clear()
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, **FROM_REPO), x), _outputs(source, x))
+
+
+def test_a_hub_that_never_answers_fails_within_the_timeout(converted, hub, monkeypatch):
+    monkeypatch.setattr(constants, 'HF_HUB_ETAG_TIMEOUT', 1)
+    hub.silent = True
+    start = time.monotonic()
+    with pytest.raises(PretrainedWeightsError, match=(
+            rf"Cannot fetch model.safetensors of Hub repo 'timm-epsa/epsanet50.in1k': the Hub at {hub.url} did not "
+            r'answer within 1 s, and model.safetensors of timm-epsa/epsanet50.in1k is not in the local cache')):
+        timm.create_model('epsanet50', pretrained=True, **FROM_REPO)
+    with pytest.raises(HubUnreachableError, match=f'the Hub at {hub.url} did not answer within 1 s, and config.json'):
+        timm.create_model('hf-hub:lab/epsanet', pretrained=True)  # timm fetches its config.json first
+    assert time.monotonic() - start < 15
+
+
+def test_cached_weights_load_while_the_hub_is_silent(converted, hub, monkeypatch, x):
+    _, folder, source = converted
+    hub.serve(REPO, folder)
+    timm.create_model('epsanet50', pretrained=True, **FROM_REPO)
+    monkeypatch.setattr(constants, 'HF_HUB_ETAG_TIMEOUT', 1)
+    hub.silent = True
+    assert torch.equal(_outputs(timm.create_model('epsanet50', pretrained=True, **FROM_REPO), x), _outputs(source, x))
+
+
+def test_a_revision_that_is_a_path_is_refused_before_huggingface_hub_writes_it(converted, hub, tmp_path, x):
+    """huggingface_hub writes the commit a revision resolved to at <cache>/<repo>/refs/<revision>:
+    ``../../../escaped`` would land in tmp_path, outside the cache."""
+    _, folder, source = converted
+    hub.serve('lab/epsanet', folder)
+    hub.any_revision = True  # as the Hub resolves branch and tag names
+    with pytest.raises(InvalidRevisionError, match=r"revision '../../../escaped' is not the name of a branch, tag or "):
+        timm.create_model('hf-hub:lab/epsanet@../../../escaped', pretrained=True)
+    for revision in ('a/../../b', 'main@x'):  # timm's own parser would assert on the second
+        overlay = dict(hf_hub_id=f'lab/epsanet@{revision}')
+        refused = f"Cannot load Hub repo 'lab/epsanet' at revision '{revision}': revision"
+        with pytest.raises(PretrainedWeightsError, match=refused):
+            timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=overlay)
+    assert [p.name for p in tmp_path.iterdir() if p.name != 'hf-cache'] == []
+    model = timm.create_model('hf-hub:lab/epsanet@refs/pr/1', pretrained=True)  # a name with '/' is a name
+    assert torch.equal(_outputs(model, x), _outputs(source, x))
+
+
+@pytest.mark.parametrize('model_args, message', [
+    ({'pretrained': True}, "config.json's model_args for epsanet50 set pretrained, which timm.create_model sets "
+                           "itself; remove it from config.json"),
+    ({'block': 'NoSuchBlock'}, "config.json's model_args for epsanet50: block='NoSuchBlock' is not a block class"),
+    ({'act_layer': 'nosuchact'}, "act_layer='nosuchact' is not an activation timm knows"),
+])
+def test_config_json_model_args_epsanet_cannot_take_are_refused_naming_them(converted, tmp_path, model_args, message):
+    _, folder, _ = converted
+    config = json.loads((folder / 'config.json').read_text())
+    (tmp_path / 'config.json').write_text(json.dumps({**config, 'model_args': model_args}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        timm.create_model(f'local-dir:{tmp_path}', pretrained=True)

@@ -213,3 +213,21 @@ def test_block_accepts_every_resnet_keyword(x):
     assert block.conv1.out_channels == block.conv2.conv_1.in_channels == 128  # 256 wide, reduce_first=2
     assert block.conv2.conv_1.groups == 32
     assert model(x).shape == (2, 1000)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_a_training_step_on_an_empty_batch_gives_zero_gradients(memory_format):
+    """As timm's resnet50 does: no sample, no gradient (the own weight gradients of the grouped
+    branches used to fail on B=0)."""
+    model = tiny(num_classes=4).train().to(memory_format=memory_format)
+    model(torch.randn(0, 3, 32, 32).contiguous(memory_format=memory_format)).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(block='NoSuchBlock'), "epsanet50 arguments: block='NoSuchBlock' is not a block class"),
+    (dict(act_layer='nosuchact'), "epsanet50 arguments: act_layer='nosuchact' is not an activation timm knows"),
+])
+def test_arguments_epsanet_cannot_be_built_with_are_refused_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)

@@ -100,7 +100,8 @@ def test_official_parameter_names_and_shapes():
     (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7)), 'must be non-empty and of the same length'),
     (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7, 8)), 'kernel size 8'),
     (dict(in_chs=64, out_chs=64, stride=0), 'stride=0'),
-    (dict(in_chs=64, out_chs=64, reduction=32), 'leaves no hidden channel'),
+    (dict(in_chs=64, out_chs=64, reduction=32), 'leaves no hidden channel; use a reduction from 1 to 16'),
+    (dict(in_chs=64, out_chs=64, reduction=0), 'reduction=0 leaves no hidden channel; use a reduction from 1'),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

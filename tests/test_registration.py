@@ -208,14 +208,15 @@ def test_hub_style_creation_from_config_json(without_import, source):
     assert without_import[source] == expected
 
 
-def test_opt_out_and_explicit_fallback(installed):
+def test_opt_out_and_explicit_fallback(installed, request):
+    off = {'wheel': '0', 'editable': ' False '}[request.node.callspec.params['installed']]  # one .pth code for both
     state = installed.run_json('''
         import json, sys, timm
         hooked = '_timm_epsa_autoload' in sys.modules
         without = timm.list_models('epsanet*')
         import timm_epsa
         print(json.dumps({'hook': hooked, 'without': without, 'after_import': timm.list_models('epsanet*')}))
-    ''', env={'TIMM_EPSA_AUTOLOAD': '0'})
+    ''', env={'TIMM_EPSA_AUTOLOAD': off})
     assert state == {'hook': False, 'without': [], 'after_import': EPSANETS}
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .escaping import code_block
 from .measure import ModelFacts
 
 __all__ = ['CardDataset', 'IMAGENET_1K', 'card_repo_id', 'render_model_card', 'variant_info']
@@ -55,8 +56,9 @@ def render_model_card(
         facts: measured parameters, MACs and PSA layout of ``model_name``.
         pretrained_cfg: the cfg the weights are published with (input size, crop, interpolation, classes).
         top1, top5: accuracy in percent on ``dataset``; they become the card's ``model-index``.
-        weights: one line on where the weights come from (checkpoint kind, epoch, EMA).
-        train_args: the training command line the checkpoint records.
+        weights: one line of Markdown on where the weights come from (checkpoint kind, epoch, EMA);
+            whatever in it comes from outside must already be escaped (:mod:`timm_epsa.escaping`).
+        train_args: the training command line the checkpoint records, shown as a code block.
     """
     variants = variant_info()
     metrics = [(value, kind, name) for value, kind, name in (
@@ -97,6 +99,7 @@ def render_model_card(
         dataset=dataset,
         weights=weights,
         train_args=train_args,
+        code_block=code_block,
     )
     return str(card)
 

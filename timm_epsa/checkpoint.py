@@ -9,9 +9,11 @@ The formats understood are the official ``main.py`` (``state_dict`` with ``modul
 ``epoch``, ``metric``, ``args``), a bare state dict, and a ``.safetensors`` file.
 """
 import argparse
+import math
 import pickle
+import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
@@ -19,10 +21,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
+from .escaping import one_line
+
 __all__ = [
-    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'read_checkpoint',
+    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',
+    'recorded_data_config',
 ]
 
 # Types a weights_only unpickler may build beyond tensors and builtin containers (timm allows the same).
@@ -30,6 +36,13 @@ SAFE_PICKLE_GLOBALS = [argparse.Namespace]
 _EMA_KEYS = ('state_dict_ema', 'model_ema')  # where timm's train.py and others keep EMA weights
 # How many keys of each kind a mismatch error names before summarising the rest.
 _MAX_LISTED = 8
+# A name a checkpoint records (its architecture, its metric) is shown only if it looks like one.
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}')
+# What the preprocessing a checkpoint records may be: timm's interpolations and crop modes, sides in pixels.
+_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+_CROP_MODES = ('center', 'squash', 'border')
+_MAX_SIDE = 8192
+_CROP_PCT_RANGE = (0.1, 2.0)  # the image is resized to 1/crop_pct of the crop before it is cropped
 
 
 class CheckpointError(RuntimeError):
@@ -56,6 +69,7 @@ class Checkpoint:
     metric: Optional[float] = None  # validation metric the training script recorded
     metric_name: Optional[str] = None
     args: Optional[argparse.Namespace] = None  # timm train.py's command line
+    ignored: List[str] = field(default_factory=list)  # what it records that is left out, and why
 
 
 def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
@@ -66,8 +80,7 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
     which also refuses one that would run code.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{path}: no such file')
+    _check_source(path)
     record = {} if path.suffix == '.safetensors' else _read_record(path)
     has_ema = any(isinstance(record.get(key), dict) for key in _EMA_KEYS)
     if ema and not has_ema:
@@ -76,17 +89,25 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
         state_dict = load_state_dict(str(path), use_ema=ema)
     except SafetensorError as e:
         raise CheckpointError(f'{path} is not a valid safetensors file: {e}') from e
-    except (AttributeError, TypeError) as e:  # what timm's key choice found is no mapping
+    except (AttributeError, TypeError) as e:  # what timm's key choice found is no mapping of names
+        keys = _keys_not_names(record)
+        if keys:
+            raise CheckpointError(
+                f'{path}: not a state dict of a PyTorch model, it has keys that are not parameter names '
+                f'({_listed(keys)}); convert a checkpoint torch.save(model.state_dict()) or timm\'s train.py wrote'
+            ) from e
         raise CheckpointError(f'{path} holds no state dict (a mapping of parameter names to tensors)') from e
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f'{path}: not a state dict, these entries are not tensors: {_listed(not_tensors)}')
 
+    ignored = []
     args = record.get('args') if isinstance(record.get('args'), argparse.Namespace) else None
     if 'best_prec1' in record:
         kind, metric, metric_name = 'official main.py checkpoint', record['best_prec1'], 'top1'
     else:  # timm train.py records the metric it selects the best checkpoint by
-        metric, metric_name = record.get('metric'), getattr(args, 'eval_metric', None)
+        metric = record.get('metric')
+        metric_name = _recorded_name(getattr(args, 'eval_metric', None), ignored, 'eval_metric')
         if path.suffix == '.safetensors':
             kind = 'safetensors file'
         elif args is not None:
@@ -98,12 +119,141 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
         kind=kind,
         ema=ema,
         has_ema=has_ema,
-        arch=record.get('arch') if isinstance(record.get('arch'), str) else None,
-        epoch=int(record['epoch']) if isinstance(record.get('epoch'), (int, torch.Tensor)) else None,
-        metric=float(metric) if isinstance(metric, (int, float, torch.Tensor)) else None,
+        arch=_recorded_name(record.get('arch'), ignored, 'arch'),
+        epoch=_recorded_number(record.get('epoch'), ignored, 'epoch', whole=True),
+        metric=_recorded_number(metric, ignored, 'best_prec1' if 'best_prec1' in record else 'metric'),
         metric_name=metric_name,
         args=args,
+        ignored=ignored,
     )
+
+
+def _check_source(path: Path) -> None:
+    try:
+        str(path).encode('utf-8')
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f'{one_line(str(path))}: the path is not valid UTF-8, and torch and safetensors open files only by '
+            f'UTF-8 paths; rename the file') from None
+    if path.is_dir():
+        raise CheckpointError(f'{path} is a folder; give the checkpoint file in it (.pth, .pth.tar, .safetensors)')
+    if not path.exists():
+        raise CheckpointError(f'{path}: no such file')
+    if not path.is_file():
+        raise CheckpointError(f'{path} is not a regular file (a device, a pipe or a socket); give a checkpoint file')
+
+
+def _recorded_number(value: Any, ignored: List[str], name: str, whole: bool = False) -> Optional[float]:
+    """A number the checkpoint records beside its weights (a Python number or a one-element tensor),
+    or None, noted in ``ignored``, for anything else: it only describes the weights on the card."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            whole and (value < 0 or value != int(value))):
+        is_tensor = isinstance(value, torch.Tensor)
+        what = f'a tensor of shape {tuple(value.shape)}' if is_tensor else one_line(repr(value))[:40]
+        ignored.append(f"its {name} ({what}) is not {'a whole number' if whole else 'a finite number'}")
+        return None
+    return int(value) if whole else float(value)
+
+
+def _recorded_name(value: Any, ignored: List[str], name: str) -> Optional[str]:
+    if value is None or (isinstance(value, str) and _NAME.fullmatch(value)):
+        return value
+    ignored.append(f'its {name} ({one_line(repr(value))[:40]}) is not a name')
+    return None
+
+
+def _keys_not_names(record: Mapping[Any, Any]) -> List[str]:
+    """Keys that are not strings, in the record or in a mapping it holds, for an error message."""
+    mappings = [record, *(v for v in record.values() if isinstance(v, Mapping))]
+    return [f'{k!r} ({type(k).__name__})' for m in mappings for k in m if not isinstance(k, str)]
+
+
+def check_values(
+        state_dict: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        what: str,
+        allow_nonfinite: bool = False,
+) -> None:
+    """Raise :class:`CheckpointError` for a tensor the model would take but should not: one of
+    another kind than its slot (integers or booleans where the model has floats: quantized or
+    damaged weights, which ``load_state_dict`` would silently cast), non-finite floats (unless
+    ``allow_nonfinite``), or negative BatchNorm variances. Keys must already fit (:func:`check_fits`)."""
+    slots = model.state_dict()
+    for key, tensor in state_dict.items():
+        slot = slots[key]
+        if tensor.dtype == torch.bool or tensor.is_complex() or tensor.is_floating_point() != slot.is_floating_point():
+            raise CheckpointError(
+                f'{what}: {key} holds {tensor.dtype} values where the model has {slot.dtype} ones (quantized or '
+                f'damaged weights), which cannot be converted as they are; convert the float checkpoint, or cast '
+                f'the tensor yourself if its values are meant as they are')
+        if not tensor.is_floating_point():
+            continue
+        if not allow_nonfinite:
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:
+                raise CheckpointError(
+                    f'{what}: {key} holds {bad} non-finite values (inf or nan): the training run diverged or the '
+                    f'file is damaged; convert another checkpoint, or pass --allow-nonfinite to convert it as it is')
+        if key.endswith('.running_var') and bool((tensor < 0).any()):
+            raise CheckpointError(
+                f'{what}: {key} holds negative variances, which no BatchNorm can have: the file is damaged; '
+                f'convert another checkpoint')
+
+
+def recorded_data_config(args: argparse.Namespace, model: nn.Module, what: str) -> Dict[str, Any]:
+    """The preprocessing timm's ``resolve_data_config`` makes of a train.py checkpoint's arguments
+    for ``model``, each argument it reads checked first: a value no preprocessing can have (a side of
+    0 pixels, a std of 0, an unknown interpolation) raises :class:`CheckpointError` naming it."""
+    recorded = vars(args)
+    channels = model.pretrained_cfg['input_size'][0]
+
+    def refuse(name: str, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{what}: its training arguments record {name}={one_line(repr(recorded[name]))[:60]}, {why}; pass "
+            f"--ignore-train-args to convert it with {model.pretrained_cfg['architecture']}'s default preprocessing")
+
+    for name in ('in_chans', 'chans'):
+        if recorded.get(name) is not None and not _whole(recorded[name], channels, channels):
+            raise refuse(name, f'but the weights take {channels} input channels')
+    sides = ()
+    if recorded.get('input_size') is not None:
+        size = recorded['input_size']
+        if not isinstance(size, (list, tuple)) or len(size) != 3 or not _whole(size[0], channels, channels):
+            raise refuse('input_size', f'which is not ({channels}, height, width) for weights of {channels} channels')
+        sides = size[1:]
+    elif recorded.get('img_size') is not None:
+        sides = (recorded['img_size'],)
+    if not all(_whole(side, 1, _MAX_SIDE) for side in sides):
+        raise refuse('input_size' if recorded.get('input_size') is not None else 'img_size',
+                     f'but image sides are whole numbers of pixels from 1 to {_MAX_SIDE}')
+    if recorded.get('interpolation') and recorded['interpolation'] not in _INTERPOLATIONS:
+        raise refuse('interpolation', f"which is not one of timm's: {', '.join(_INTERPOLATIONS)}")
+    if recorded.get('crop_mode') and recorded['crop_mode'] not in _CROP_MODES:
+        raise refuse('crop_mode', f"which is not one of timm's: {', '.join(_CROP_MODES)}")
+    if recorded.get('crop_pct') and not _number(recorded['crop_pct'], *_CROP_PCT_RANGE):
+        raise refuse('crop_pct', f'which is not a number from {_CROP_PCT_RANGE[0]} to {_CROP_PCT_RANGE[1]}')
+    for name, low in (('mean', -math.inf), ('std', 0.)):
+        values = recorded.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or len(values) not in (1, channels) or not all(
+                _number(v, low, math.inf) and v != low for v in values):
+            why = 'positive' if name == 'std' else 'finite'
+            raise refuse(name, f'which is not 1 or {channels} {why} numbers')
+    return resolve_data_config(recorded, model=model)
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_number and math.isfinite(value) and low <= value <= high
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _read_record(path: Path) -> Dict[str, Any]:

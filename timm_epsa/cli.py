@@ -5,18 +5,23 @@ Each subcommand is an ``_add_<name>`` function that declares its arguments and t
 runs it; listing one in ``COMMANDS`` adds it to the command. This module only parses arguments and
 prints: the work is done in :mod:`timm_epsa.convert`, :mod:`timm_epsa.hub`, :mod:`timm_epsa.cards`,
 :mod:`timm_epsa.measure` and :mod:`timm_epsa.quickstart`. Errors a user can act on print as one line
-and exit with status 1.
+(whatever a checkpoint or a path put in them) and exit with status 1; Ctrl-C and SIGTERM stop a
+command alike, with one line and status 130.
 """
 import argparse
+import signal
 import sys
-from typing import Callable, List, Optional, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from huggingface_hub.errors import HfHubHTTPError
 from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
 from .cards import render_model_card
 from .checkpoint import CheckpointError
-from .convert import convert_checkpoint
+from .convert import check_repo_id, convert_checkpoint
+from .escaping import one_line
 from .hub import PretrainedWeightsError, cached_weights
 from .hub_folder import HubFolderError
 from .hub_repos import NAMESPACE_ENV, hub_namespace, hub_repo_id
@@ -34,10 +39,14 @@ USER_ERRORS = (
 
 
 def _model_name(value: str) -> str:
-    name, _ = split_model_name_tag(value)
+    """A variant's name, or ``<name>.<tag>`` for one of its pretrained tags (kept as given)."""
+    name, tag = split_model_name_tag(value)
     if name not in MODEL_NAMES:
         raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
-    return name
+    tags = list_models(name, include_tags=True)
+    if tag and value not in tags:
+        raise argparse.ArgumentTypeError(f"{name} has no tag {tag!r}; its tags: {', '.join(tags)}")
+    return value
 
 
 def _percent(value: str) -> float:
@@ -64,7 +73,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(one_line(message), file=sys.stderr, flush=True)
 
 
 def _add_card_args(parser: argparse.ArgumentParser) -> None:
@@ -92,18 +101,24 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--ema', action='store_true', help="convert the EMA weights (train.py's state_dict_ema)")
     parser.add_argument('--force', action='store_true',
                         help='replace a non-empty OUT_DIR, once the new folder is complete')
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='convert weights holding inf or nan as they are (refused otherwise)')
+    parser.add_argument('--ignore-train-args', action='store_true',
+                        help="leave out the training arguments a timm train.py checkpoint records: config.json then "
+                             "gets the model's default preprocessing, the card no training command")
     _add_card_args(parser)
     parser.set_defaults(run=_convert)
 
 
 def _convert(args: argparse.Namespace) -> None:
     result = convert_checkpoint(
-        args.src, args.out_dir, args.model,
-        ema=args.ema, force=args.force, top1=args.top1, top5=args.top5, repo_id=args.repo_id, log=_log,
+        args.src, args.out_dir, split_model_name_tag(args.model)[0],
+        ema=args.ema, force=args.force, top1=args.top1, top5=args.top5, repo_id=args.repo_id,
+        allow_nonfinite=args.allow_nonfinite, ignore_train_args=args.ignore_train_args, log=_log,
     )
-    print(f'wrote {result.path}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
+    print(f'wrote {one_line(str(result.path))}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
           f'{len(result.checkpoint.state_dict)} tensors, verified')
-    print(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    print(f'publish it with: timm-epsa push {one_line(str(result.path))} {result.repo_id}')
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
@@ -134,16 +149,19 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
         description='List the EPSANet variants (or NAME) with parameters and MACs, their pretrained tags, the Hub '
                     'repo each one loads from and whether its weights are in the local Hub cache.',
     )
-    parser.add_argument('name', nargs='?', type=_model_name, metavar='NAME', help='one variant, e.g. epsanet50')
+    parser.add_argument('name', nargs='?', type=_model_name, metavar='NAME',
+                        help='one variant, e.g. epsanet50, or one of its tags, e.g. epsanet50.in1k')
     parser.set_defaults(run=_info)
 
 
 def _info(args: argparse.Namespace) -> None:
     namespace = hub_namespace()
     rows = [('model', 'params (M)', 'GMACs', 'input', 'pretrained tag', 'Hub repo', 'local cache')]
-    for name in [args.name] if args.name else MODEL_NAMES:
+    for name in [split_model_name_tag(args.name)[0]] if args.name else MODEL_NAMES:
         facts = measure_model(name)
         for tagged in list_models(name, include_tags=True):
+            if args.name not in (None, name, tagged):
+                continue
             repo_id = get_pretrained_cfg(tagged).hf_hub_id
             rows.append((
                 name, f'{facts.params / 1e6:.2f}', f'{facts.macs / 1e9:.2f}', 'x'.join(map(str, facts.input_size[1:])),
@@ -170,10 +188,11 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _card(args: argparse.Namespace) -> None:
+    name, tag = split_model_name_tag(args.name)
     sys.stdout.write(render_model_card(
-        args.name,
-        args.repo_id or hub_repo_id(args.name),
-        measure_model(args.name),
+        name,
+        check_repo_id(args.repo_id) if args.repo_id else hub_repo_id(name, **({'tag': tag} if tag else {})),
+        measure_model(name),
         get_pretrained_cfg(args.name).to_dict(),
         top1=args.top1,
         top5=args.top5,
@@ -213,8 +232,8 @@ def _add_quickstart(subparsers: argparse._SubParsersAction) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     recipe = Recipe(epochs=args.epochs, img_size=args.img_size, seed=args.seed, train_images=args.train_images)
     result = run_quickstart(args.output, recipe, imagefolder=args.imagefolder, force=args.force, log=_log)
-    print(f'wrote {result.path}: loads back with identical held-out logits')
-    print(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    print(f'wrote {one_line(str(result.path))}: loads back with identical held-out logits')
+    print(f'publish it with: timm-epsa push {one_line(str(result.path))} {result.repo_id}')
     print(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
 
 
@@ -239,15 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with _sigterm_as_interrupt():
+            args.run(args)
     except USER_ERRORS as e:
-        print(f'timm-epsa {args.command}: error: {e}', file=sys.stderr)
+        print(f'timm-epsa {args.command}: error: {one_line(str(e))}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f'timm-epsa {args.command}: interrupted', file=sys.stderr)
         return 130
     return 0
 
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so that a command stops as Ctrl-C stops it:
+    cleaning up, with one line. Only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 if __name__ == '__main__':
     sys.exit(main())

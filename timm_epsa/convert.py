@@ -1,29 +1,33 @@
 """``timm-epsa convert``: a training checkpoint becomes a Hub-ready folder.
 
 The checkpoint is read without running its code (:mod:`timm_epsa.checkpoint`), checked against the
-architecture, loaded into the model and written as a Hub folder (:mod:`timm_epsa.hub_folder`),
-which is loaded back and compared with the source before it takes OUT_DIR's name
-(:mod:`timm_epsa.staging`).
+architecture (names, shapes, kinds and values of its tensors, the preprocessing it records), loaded
+into the model and written as a Hub folder (:mod:`timm_epsa.hub_folder`), which is loaded back and
+compared with the source before it takes OUT_DIR's place (:mod:`timm_epsa.staging`, which also
+locks OUT_DIR for the whole run). What the checkpoint records reaches the model card escaped
+(:mod:`timm_epsa.escaping`).
 """
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import timm
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from timm.data import resolve_data_config
-
 from . import __version__
-from .checkpoint import Checkpoint, check_fits, read_checkpoint
+from .checkpoint import Checkpoint, check_fits, check_values, read_checkpoint, recorded_data_config
+from .escaping import code_span, shell_word
 from .hub_folder import write_hub_folder
 from .hub_repos import hub_repo_id
 from .measure import ModelFacts
 from .models.epsanet import MODEL_NAMES
-from .staging import check_destination, staged_folder
+from .staging import staged_folder
 
-__all__ = ['ConvertedFolder', 'convert_checkpoint']
+__all__ = ['ConvertedFolder', 'check_repo_id', 'convert_checkpoint']
 
 # train.py arguments worth recording on a model card: the ones that shape the weights.
 _TRAIN_ARGS = (
@@ -51,7 +55,9 @@ def convert_checkpoint(
         top1: Optional[float] = None,
         top5: Optional[float] = None,
         repo_id: Optional[str] = None,
-        log: Callable[[str], None] = lambda message: None,
+        allow_nonfinite: bool = False,
+        ignore_train_args: bool = False,
+        log: Optional[Callable[[str], None]] = None,
 ) -> ConvertedFolder:
     """Write ``out_dir``: ``model_name`` weights from the checkpoint ``src``, ready for ``push``.
 
@@ -60,27 +66,35 @@ def convert_checkpoint(
         force: replace a non-empty ``out_dir`` (only once the new folder is complete).
         top1, top5: ImageNet-1k validation accuracy in percent for the model card.
         repo_id: the repo the model card's examples name; defaults to where ``pretrained=True`` looks.
-        log: receives one line per step.
+        allow_nonfinite: convert weights holding inf or nan as they are (otherwise refused).
+        ignore_train_args: leave out the training arguments a timm train.py checkpoint records
+            (config.json then gets the variant's default preprocessing, the card no training command).
+        log: receives one line per step, and what was done beyond it (see :func:`staged_folder`).
     """
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODEL_NAMES)}")
     src, out_dir = Path(src), Path(out_dir)
-    check_destination(out_dir, force)
+    repo_id = check_repo_id(repo_id) if repo_id is not None else hub_repo_id(model_name)
     if force and out_dir.resolve() in src.resolve().parents:
         raise FileExistsError(f'{src} is inside {out_dir}, which --force would delete; write to another folder')
-    repo_id = repo_id or hub_repo_id(model_name)
+    progress = log or (lambda message: None)
 
-    log(f'reading {src}')
-    checkpoint = read_checkpoint(src, ema=ema)
-    if checkpoint.has_ema and not ema:
-        log('the checkpoint also holds EMA weights; converting the plain ones (pass --ema for the EMA ones)')
-    model = _model_for(checkpoint, model_name)
-    trained_as = f' (trained as {checkpoint.arch})' if checkpoint.arch not in (None, model_name) else ''
-    check_fits(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name)
-    model.load_state_dict(checkpoint.state_dict)
+    with staged_folder(out_dir, force=force, log=log) as staging:
+        progress(f'reading {src}')
+        checkpoint = read_checkpoint(src, ema=ema)
+        if checkpoint.has_ema and not ema:
+            progress('the checkpoint also holds EMA weights; converting the plain ones (pass --ema for the EMA ones)')
+        if ignore_train_args:
+            checkpoint.args = None
+        for note in checkpoint.ignored:
+            progress(f'left off the model card: {note}')
+        model = _model_for(checkpoint, model_name, src)
+        trained_as = f' (trained as {checkpoint.arch})' if checkpoint.arch not in (None, model_name) else ''
+        check_fits(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name)
+        check_values(checkpoint.state_dict, model, what=str(src), allow_nonfinite=allow_nonfinite)
+        model.load_state_dict(checkpoint.state_dict)
 
-    with staged_folder(out_dir) as staging:
-        log(f'writing {out_dir}')
+        progress(f'writing {out_dir}')
         facts = write_hub_folder(
             model,
             staging,
@@ -88,26 +102,42 @@ def convert_checkpoint(
             top1=top1,
             top5=top5,
             weights=_describe_weights(checkpoint, src.name),
-            train_args=_train_command(checkpoint.args),
-            log=log,
+            train_args=_train_command(checkpoint.args, progress),
+            log=progress,
         )
     return ConvertedFolder(path=out_dir, model_name=model_name, repo_id=repo_id, facts=facts, checkpoint=checkpoint)
 
 
-def _model_for(checkpoint: Checkpoint, model_name: str) -> nn.Module:
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it as ``<user or organisation>/<name>``, else a ``ValueError``
+    that says why: checked before converting, not by the Hub at ``push``."""
+    try:
+        validate_repo_id(repo_id)
+        reason = None if repo_id.count('/') == 1 else 'it must be <user or organisation>/<name>'
+    except HFValidationError as e:
+        reason = str(e).strip().splitlines()[0]
+    if reason:
+        raise ValueError(
+            f"--repo-id {repo_id!r} is not a repo id the Hub accepts ({reason.rstrip('.')}); give "
+            f"<user or organisation>/<name>, e.g. me/epsanet50.in1k")
+    return repo_id
+
+
+def _model_for(checkpoint: Checkpoint, model_name: str, src: Path) -> nn.Module:
     """``model_name`` with the checkpoint's number of classes, in eval mode. A timm train.py checkpoint
     also gives it the preprocessing it was trained with (input size, interpolation, crop, mean/std)
-    as train.py resolves it, which config.json then records."""
+    as train.py resolves it, checked, which config.json then records."""
     classifier = checkpoint.state_dict.get('fc.weight')  # fc: the classifier of every EPSANet variant
     kwargs = {'num_classes': classifier.shape[0]} if classifier is not None and classifier.ndim == 2 else {}
     model = timm.create_model(model_name, **kwargs).eval()
     if checkpoint.args is not None:
-        model.pretrained_cfg.update(resolve_data_config(vars(checkpoint.args), model=model))
+        model.pretrained_cfg.update(recorded_data_config(checkpoint.args, model, what=str(src)))
     return model
 
 
 def _describe_weights(checkpoint: Checkpoint, filename: str) -> str:
-    parts = [f"from the {checkpoint.kind} `{filename}`{' (its EMA weights)' if checkpoint.ema else ''}"]
+    """One Markdown line on where the weights come from: the file name as code, recorded names checked."""
+    parts = [f"from the {checkpoint.kind} {code_span(filename)}{' (its EMA weights)' if checkpoint.ema else ''}"]
     if checkpoint.epoch is not None:
         parts.append(f'epoch {checkpoint.epoch}')
     if checkpoint.metric is not None:
@@ -115,8 +145,9 @@ def _describe_weights(checkpoint: Checkpoint, filename: str) -> str:
     return ', '.join(parts) + f'; converted with timm-epsa {__version__}'
 
 
-def _train_command(args: Optional[argparse.Namespace]) -> Optional[str]:
-    """The shaping part of a train.py command line, rebuilt from the Namespace a checkpoint stores."""
+def _train_command(args: Optional[argparse.Namespace], log: Callable[[str], None]) -> Optional[str]:
+    """The shaping part of a train.py command line, rebuilt from the Namespace a checkpoint stores,
+    every value quoted as a shell word; a value no command line can hold (a mapping, a tensor) is left out."""
     if args is None:
         return None
     flags = []
@@ -125,8 +156,12 @@ def _train_command(args: Optional[argparse.Namespace]) -> Optional[str]:
         if value is None or value is False or value == '':
             continue
         flag = '--' + name.replace('_', '-')
-        if value is True:
+        words = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v)) for v in words):
+            log(f'left off the model card: its training argument {name} ({type(value).__name__}) is not a '
+                f'command-line value')
+        elif value is True:
             flags.append(flag)
         else:
-            flags.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+            flags.append(' '.join([flag, *(shell_word(str(v)) for v in words)]))
     return ' '.join(flags) or None

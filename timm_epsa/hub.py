@@ -1,22 +1,33 @@
-"""What ``pretrained=True`` does for EPSANet beyond timm: safetensors only from the Hub, and errors
-that say what to do.
+"""What ``pretrained=True`` does for EPSANet beyond timm: safetensors only from the Hub, verified
+downloads, and errors that say what to do.
 
 The weights load through timm's own path (``build_model_with_cfg`` calls ``load_pretrained``),
 which adapts ``num_classes`` / ``in_chans`` and serves ``features_only``. :func:`install` wraps
-that one call, for EPSANet architectures only, with two rules:
+that one call, for EPSANet architectures only, with these rules:
 
 * from the Hub, weights come only as ``model.safetensors``: timm would otherwise fall back to a
   pickle (``pytorch_model.bin``);
+* they are fetched by :func:`timm_epsa.hub_download.download`: a path-like revision is refused, a
+  Hub that does not answer fails within ``HF_HUB_ETAG_TIMEOUT`` (10 s) instead of minutes, and the
+  file must match the sha256 the Hub states for it; timm then loads and adapts them as usual;
 * a load that cannot succeed (no weights published, a missing, private or gated repo, offline
-  without a cached copy, a damaged upload, weights of another architecture) raises
-  :class:`PretrainedWeightsError` naming the repo and the ways out: never a random init.
+  without a cached copy, a Hub that cannot be reached, a damaged upload or download, weights of
+  another architecture) raises :class:`PretrainedWeightsError` naming the repo and the ways out:
+  never a random init.
+
+``timm.create_model('hf-hub:<repo>')`` reads the repo's config.json before any architecture is
+known, through timm's ``download_from_hf``: :func:`install` makes that go through the same
+download for every architecture (its revision is the user's input too), and checks the
+``model_args`` of an EPSANet config.json before timm passes them on.
 
 Where the weights come from is decided by timm (``_resolve_pretrained_source``); this module asks
 it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.publish`.
 """
 import functools
+import inspect
 from typing import Any, Callable, Dict, Optional
 
+import safetensors.torch
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -29,19 +40,25 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 
-from timm.models import _builder
-from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
+from timm.models import _builder, _hub
+from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
 from .checkpoint import CheckpointMismatchError
+from .hub_download import (
+    HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
 from .hub_repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
-from .models.epsanet import MODEL_NAMES
+from .models.epsanet import MODEL_NAMES, check_model_args
 
 __all__ = ['CARD_NAME', 'CONFIG_NAME', 'PretrainedWeightsError', 'WEIGHTS_NAME', 'cached_weights', 'install']
 
 WEIGHTS_NAME = HF_SAFE_WEIGHTS_NAME
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
-_HUB_ERRORS = (CheckpointMismatchError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, SafetensorError)
+_SET_BY_CREATE_MODEL = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+_HUB_ERRORS = (
+    CheckpointMismatchError, HfHubHTTPError, HFValidationError, HubFileMismatchError, HubUnreachableError,
+    LocalEntryNotFoundError, SafetensorError, TransportError,  # the network failing during the download itself
+)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -50,13 +67,19 @@ class PretrainedWeightsError(RuntimeError):
 
 
 def install() -> None:
-    """Attach the rules to timm's ``load_pretrained``; other architectures load exactly as before.
-    Idempotent."""
+    """Attach the rules to timm's ``load_pretrained``, its config.json download and its config.json
+    parsing; other architectures load exactly as before but for the download's checks. Idempotent."""
     if not getattr(_builder.load_pretrained, '_timm_epsa_rules', False):
         _builder.load_pretrained = _with_epsanet_rules(_builder.load_pretrained)
+    if not getattr(_hub.download_from_hf, '_timm_epsa_rules', False):
+        _hub.download_from_hf = _verified_download_from_hf
+    if not getattr(_hub._parse_model_cfg, '_timm_epsa_rules', False):
+        _hub._parse_model_cfg = _with_model_args_checked(_hub._parse_model_cfg)
 
 
 def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[..., None]:
+    signature = inspect.signature(timm_load_pretrained)
+
     @functools.wraps(timm_load_pretrained)
     def load_pretrained(model, pretrained_cfg: Optional[Dict[str, Any]] = None, *args, **kwargs) -> None:
         cfg = pretrained_cfg or getattr(model, 'pretrained_cfg', None) or {}
@@ -68,19 +91,54 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
             raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
         if load_from != 'hf-hub':  # a file, folder or state dict the user named: timm's errors name it
             return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
-        repo_id = cfg['hf_hub_id']
+        hf_hub_id = cfg['hf_hub_id']
         filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
         if not filename.endswith('.safetensors'):
             raise PretrainedWeightsError(
-                f"hf_hub_filename={filename!r} for Hub repo '{repo_id}': weights are loaded from the Hub only as "
+                f"hf_hub_filename={filename!r} for Hub repo '{hf_hub_id}': weights are loaded from the Hub only as "
                 f"safetensors, a pickle is never unpickled. {_ways_out(model_name)}")
+        call = signature.bind(model, pretrained_cfg, *args, **kwargs)
         try:
-            return timm_load_pretrained(model, {**cfg, 'hf_hub_filename': filename}, *args, **kwargs)
+            repo_id, revision = split_repo_revision(hf_hub_id)
+            path = download(repo_id, filename, revision, cache_dir=call.arguments.get('cache_dir'))
+            # timm loads and adapts them from here on, as it would have after its own download
+            call.arguments['pretrained_cfg'] = {
+                **cfg, 'source': '', 'state_dict': safetensors.torch.load_file(path, device='cpu')}
+            return timm_load_pretrained(*call.args, **call.kwargs)
         except _HUB_ERRORS as e:
-            raise PretrainedWeightsError(_explain(e, repo_id, filename, model_name)) from e
+            raise PretrainedWeightsError(_explain(e, hf_hub_id, filename, model_name)) from e
 
     load_pretrained._timm_epsa_rules = True
     return load_pretrained
+
+
+def _verified_download_from_hf(model_id: str, filename: str, cache_dir: Optional[str] = None) -> str:
+    """timm's ``download_from_hf`` (``'org/repo@revision'``, a file name) through :func:`download`."""
+    repo_id, revision = split_repo_revision(model_id)
+    return download(repo_id, filename, revision, cache_dir=cache_dir)
+
+
+_verified_download_from_hf._timm_epsa_rules = True
+
+
+def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callable[..., Any]:
+    """timm's config.json parsing, for EPSANet also checking the ``model_args`` that
+    ``create_model`` will pass on: the ones it sets itself would reach the model twice."""
+    @functools.wraps(timm_parse_model_cfg)
+    def parse_model_cfg(cfg: Dict[str, Any], extra_fields: Dict[str, Any]):
+        pretrained_cfg, model_name, model_args = timm_parse_model_cfg(cfg, extra_fields)
+        if model_name in MODEL_NAMES:
+            where = f"config.json's model_args for {model_name}"
+            repeated = [name for name in _SET_BY_CREATE_MODEL if name in (model_args or {})]
+            if repeated:
+                raise ValueError(
+                    f"{where} set {', '.join(repeated)}, which timm.create_model sets itself; remove "
+                    f"{'it' if len(repeated) == 1 else 'them'} from config.json")
+            check_model_args(model_name, model_args or {}, where=where)
+        return pretrained_cfg, model_name, model_args
+
+    parse_model_cfg._timm_epsa_rules = True
+    return parse_model_cfg
 
 
 def _no_weights(model_name: str, tag: Optional[str]) -> str:
@@ -91,11 +149,17 @@ def _no_weights(model_name: str, tag: Optional[str]) -> str:
     )
 
 
-def _explain(error: Exception, repo_id: str, filename: str, model_name: str) -> str:
-    repo, revision = hf_split(repo_id)
+def _explain(error: Exception, hf_hub_id: str, filename: str, model_name: str) -> str:
+    repo, _, revision = hf_hub_id.partition('@')
     where = f"Hub repo '{repo}'" + (f' at revision {revision!r}' if revision else '')
     url = f'{constants.ENDPOINT}/{repo}'
     ways_out = _ways_out(model_name)
+    if isinstance(error, InvalidRevisionError):
+        return f'Cannot load {where}: {error}. Give a branch, tag or commit after the @.'
+    if isinstance(error, HubUnreachableError):
+        return f'Cannot fetch {filename} of {where}: {error}. {ways_out}'
+    if isinstance(error, HubFileMismatchError):
+        return f'The weights of {where} were refused: {error}.'
     if isinstance(error, CheckpointMismatchError):
         return f'The weights in {where} do not fit {model_name}: {error.details}. {ways_out}'
     if isinstance(error, GatedRepoError):
@@ -142,6 +206,6 @@ def _ways_out(model_name: str) -> str:
 
 def cached_weights(repo_id: str) -> Optional[str]:
     """Path of the repo's weights in the local Hub cache, or None if they were never downloaded."""
-    repo, revision = hf_split(repo_id)
+    repo, revision = split_repo_revision(repo_id)
     path = try_to_load_from_cache(repo, WEIGHTS_NAME, revision=revision)
     return path if isinstance(path, str) else None

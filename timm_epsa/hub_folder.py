@@ -5,11 +5,14 @@ that transformers loads the folder too (:mod:`timm_epsa.hub_config`); ``timm.cre
 reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.cards`. A folder
 is checked by loading it back the way users will.
 """
+import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .cards import IMAGENET_1K, CardDataset, render_model_card
@@ -50,7 +53,14 @@ def write_hub_folder(
     model_name = model.pretrained_cfg['architecture']
     log(f'measuring {model_name}')
     facts = measure_model(model_name, num_classes=model.num_classes, input_size=model.pretrained_cfg['input_size'])
-    save_for_hub(model, folder)  # timm's save_for_hf, config.json loadable by transformers too
+    try:
+        save_for_hub(model, folder)  # timm's save_for_hf, config.json loadable by transformers too
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) in its own words
+        code = re.search(r'os error (\d+)', str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(folder / 'model.safetensors')) from e
     card = render_model_card(
         model_name,
         repo_id,

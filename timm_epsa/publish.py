@@ -2,11 +2,12 @@
 from pathlib import Path
 from typing import Optional, Union
 
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import CommitInfo, HfApi, constants
 
 from . import __version__
 from .cards import card_repo_id
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from .hub_download import TransportError, check_revision
 
 __all__ = ['push_folder']
 
@@ -18,25 +19,37 @@ def push_folder(
         revision: Optional[str] = None,
 ) -> CommitInfo:
     """Upload a folder written by ``timm-epsa convert`` to ``repo_id``, creating the repo (and the
-    ``revision`` branch) if needed; the returned commit is the one to pin."""
+    ``revision`` branch) if needed; the returned commit is the one to pin. A network failure is a
+    ``ConnectionError`` saying so in one line."""
     folder = Path(folder)
-    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME) if not (folder / name).is_file()]
+    check_revision(revision)
+    names = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+    missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a folder made by `timm-epsa convert`: it lacks {', '.join(missing)}")
+    linked = [name for name in names if (folder / name).is_symlink()]
+    if linked:  # convert writes none; a link would upload whatever it points to
+        raise ValueError(f"{folder}: {', '.join(linked)} is a symlink, not a file convert wrote; refusing to upload it")
     card_repo = card_repo_id((folder / CARD_NAME).read_text(encoding='utf-8'))
     if card_repo != repo_id:
         raise ValueError(
             f'{folder / CARD_NAME} is written for {card_repo!r}, its usage examples would name the wrong repo; '
             f'convert again with --repo-id {repo_id}')
     api = HfApi(library_name='timm-epsa', library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
-        revision=revision,
-        commit_message=f'Upload {folder.name} with timm-epsa {__version__}',
-    )
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=list(names),
+            revision=revision,
+            commit_message=f'Upload {folder.name} with timm-epsa {__version__}',
+        )
+    except TransportError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConnectionError(
+            f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) to push to {repo_id}; check the network (or '
+            f'HF_ENDPOINT) and push again (an upload is one commit: one that fails changes nothing)') from e

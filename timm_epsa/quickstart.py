@@ -12,6 +12,7 @@ file=...)``; its held-out logits must equal the trained model's exactly before t
 final name, so a folder that appears is one that reloads as trained.
 """
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -35,7 +36,7 @@ from .cards import CardDataset
 from .hub import WEIGHTS_NAME
 from .hub_folder import write_hub_folder
 from .hub_repos import hub_repo_id
-from .staging import check_destination, staged_folder
+from .staging import staged_folder
 
 __all__ = [
     'DEFAULT_OUTPUT', 'MODEL_NAME', 'QuickstartError', 'QuickstartResult', 'Recipe', 'create_digits_model',
@@ -139,12 +140,11 @@ def load_digits_split() -> Tuple[Digits, Digits]:
 def write_imagefolder(root: Path, train: Digits, held_out: Digits) -> None:
     """``root/train/<class>/<index>.png`` and ``root/validation/...``: the 8x8 images as they are, for
     timm's train.py and ``create_dataset``, which upsample them as the quickstart does."""
-    with staged_folder(root) as staging:
-        for split, digits in zip(SPLITS, (train, held_out)):
-            for label in LABELS:
-                (staging / split / label).mkdir(parents=True)
-            for image, target, index in zip(digits.images, digits.targets, digits.indices):
-                Image.fromarray(image, 'L').save(staging / split / LABELS[target] / f'{index:04d}.png')
+    for split, digits in zip(SPLITS, (train, held_out)):
+        for label in LABELS:
+            (root / split / label).mkdir(parents=True)
+        for image, target, index in zip(digits.images, digits.targets, digits.indices):
+            Image.fromarray(image, 'L').save(root / split / LABELS[target] / f'{index:04d}.png')
 
 
 def create_digits_model(recipe: Recipe, **kwargs) -> nn.Module:
@@ -256,25 +256,43 @@ def run_quickstart(
         recipe: Recipe = Recipe(),
         imagefolder: Union[None, str, Path] = None,
         force: bool = False,
-        log: Callable[[str], None] = lambda message: None,
+        log: Optional[Callable[[str], None]] = None,
 ) -> QuickstartResult:
     """Train :data:`MODEL_NAME` on the digits, write it to ``out_dir`` as a Hub-ready folder, load it
     back and check it computes what was trained.
+
+    Both folders are locked from the start (a non-empty one is refused before training) and each is
+    replaced only once complete (:func:`timm_epsa.staging.staged_folder`).
 
     Args:
         recipe: epochs, image size, seed and the rest of the training setup.
         imagefolder: also write the digits there as an ImageFolder tree, for timm's train.py.
         force: replace a non-empty ``out_dir`` / ``imagefolder``, once the new one is complete.
-        log: receives the progress, one line at a time.
+        log: receives the progress, one line at a time, and what was done beyond it.
     """
     out_dir = Path(out_dir)
     imagefolder = Path(imagefolder) if imagefolder is not None else None
-    _check_destinations(out_dir, imagefolder, force)
+    if imagefolder is not None:
+        _check_apart(out_dir, imagefolder)
+    with ExitStack() as stack:
+        staging = stack.enter_context(staged_folder(out_dir, force=force, log=log))
+        images = stack.enter_context(staged_folder(imagefolder, force=force, log=log)) if imagefolder else None
+        return _run(out_dir, staging, images, imagefolder, recipe, log or (lambda message: None))
+
+
+def _run(
+        out_dir: Path,
+        staging: Path,
+        images: Optional[Path],
+        imagefolder: Optional[Path],
+        recipe: Recipe,
+        log: Callable[[str], None],
+) -> QuickstartResult:
     repo_id = hub_repo_id(MODEL_NAME, tag='digits')
     train, held_out = load_digits_split()
-    if imagefolder is not None:
+    if images is not None:
         log(f'writing the digits as an ImageFolder tree to {imagefolder}')
-        write_imagefolder(imagefolder, train, held_out)
+        write_imagefolder(images, train, held_out)
     train = train.head(recipe.train_images)
 
     random_seed(recipe.seed)
@@ -292,23 +310,22 @@ def run_quickstart(
             f'({time.perf_counter() - start:.1f} s)')
 
     trained_accuracy = top1(logits, targets)
-    with staged_folder(out_dir) as staging:
-        log(f'writing {out_dir}')
-        write_hub_folder(
-            model.to(memory_format=torch.contiguous_format),  # safetensors stores contiguous tensors
-            staging,
-            repo_id,
-            top1=round(100 * trained_accuracy, 2),
-            dataset=DIGITS,
-            weights=_describe_run(recipe, len(train)),
-            log=log,
-        )
-        log(f'loading it back with pretrained=True, pretrained_cfg_overlay=dict(file=.../{WEIGHTS_NAME}), '
-            f'comparing its held-out logits')
-        overlay = dict(file=str(staging / WEIGHTS_NAME))
-        reloaded = create_digits_model(recipe, pretrained=True, pretrained_cfg_overlay=overlay)
-        reloaded_logits, _ = predict(reloaded.to(memory_format=torch.channels_last), eval_loader)
-        _check_reloaded(logits, reloaded_logits, targets)
+    log(f'writing {out_dir}')
+    write_hub_folder(
+        model.to(memory_format=torch.contiguous_format),  # safetensors stores contiguous tensors
+        staging,
+        repo_id,
+        top1=round(100 * trained_accuracy, 2),
+        dataset=DIGITS,
+        weights=_describe_run(recipe, len(train)),
+        log=log,
+    )
+    log(f'loading it back with pretrained=True, pretrained_cfg_overlay=dict(file=.../{WEIGHTS_NAME}), '
+        f'comparing its held-out logits')
+    overlay = dict(file=str(staging / WEIGHTS_NAME))
+    reloaded = create_digits_model(recipe, pretrained=True, pretrained_cfg_overlay=overlay)
+    reloaded_logits, _ = predict(reloaded.to(memory_format=torch.channels_last), eval_loader)
+    _check_reloaded(logits, reloaded_logits, targets)
     return QuickstartResult(
         path=out_dir,
         repo_id=repo_id,
@@ -319,12 +336,8 @@ def run_quickstart(
     )
 
 
-def _check_destinations(out_dir: Path, imagefolder: Optional[Path], force: bool) -> None:
-    """Refuse before training, not after, to write over a previous run or into one folder twice."""
-    check_destination(out_dir, force)
-    if imagefolder is None:
-        return
-    check_destination(imagefolder, force)
+def _check_apart(out_dir: Path, imagefolder: Path) -> None:
+    """Refuse to write one folder twice, or one inside the other (replacing one would replace both)."""
     a, b = out_dir.resolve(), imagefolder.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(

@@ -1,54 +1,472 @@
-"""Writing a folder so that it appears whole or not at all.
+"""Writing outputs so that they appear whole or not at all, and nothing a user had is lost.
 
 Every folder the package writes (``convert``'s Hub folder, ``quickstart``'s model and ImageFolder)
-is built in a hidden sibling and renamed into place once complete, so an interrupted run never
-leaves a partial folder under the name a user or tool will read.
+and every file (an exported model, or a pair such as OpenVINO's ``.xml`` and ``.bin``) is built in
+a hidden sibling of its destination and moved into place once complete:
+
+* **One writer at a time.** The destination is locked for the whole run with ``flock`` on a hidden
+  ``.<name>.timm-epsa.lock`` beside it, which holds the writer's pid and is deleted when the run
+  ends: a second timm-epsa writing there is refused at once, naming the first one's pid.
+* **Old or new, never neither.** A folder takes its destination's place by one
+  ``renameat2(RENAME_EXCHANGE)`` where the OS offers it (Linux 3.15+, most local filesystems), so
+  the destination is at every instant the complete old folder or the complete new one. Elsewhere
+  the old folder is first renamed aside and, should the run die between the two renames, put back
+  by the next run. A file takes its place by one ``rename``. SIGINT and SIGTERM are held back while
+  the destination changes and delivered right after, so an interrupt never splits the swap.
+* **Nothing replaced without force.** A destination that is not empty is refused unless ``force``,
+  and one that fills up while the run works is left as it is (the check is repeated under the lock
+  and the swap itself refuses to replace anything but an empty folder).
+* **Leftovers of killed runs** (``.<name>.<8 hex>.partial``, ``.old``, ``.commit``) are cleaned up,
+  put back or finished by the next run writing the same destination, which says what it did.
+
+The environment variable :data:`PAUSE_ENV` exists for the tests only: it stops a run at a named step
+until a signal arrives, so that a test can interrupt or kill it exactly there.
 """
+import ctypes
+import errno
+import hashlib
+import os
+import re
 import shutil
+import signal
+import sys
+import threading
+import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
-__all__ = ['check_destination', 'staged_folder']
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+__all__ = ['DestinationError', 'PAUSE_ENV', 'staged_file', 'staged_files', 'staged_folder']
+
+PathLike = Union[str, os.PathLike]
+Log = Callable[[str], None]
+
+PAUSE_ENV = 'TIMM_EPSA_TEST_PAUSE'  # test-only: a step name (see _pause_for_tests)
+_NAME_MAX = 255  # bytes in a file name on every common filesystem
+_STEM_MAX = 200  # bytes of the destination's name kept in its hidden siblings' names, which then fit in 255
+_LEFTOVER_KINDS = ('old', 'commit', 'partial')  # in the order the next run handles them
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+# renameat2, or a flag of it, that the OS or the filesystem does not have
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
-def check_destination(out_dir: Path, force: bool) -> None:
-    """Refuse to write ``out_dir`` over something: a file, or a non-empty folder unless ``force``."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f'{out_dir} exists and is not a folder')
-    if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    raise FileExistsError(
-        f'{out_dir} is not empty; pass --force to replace it (it is replaced only once the new folder is complete)')
+class DestinationError(OSError):
+    """A destination cannot be written as asked; the message says why and what to do."""
 
 
 @contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """A new hidden folder beside ``out_dir`` to write into, renamed to ``out_dir`` when the block
-    completes (replacing what is there) and deleted if it raises: ``out_dir`` is only ever absent,
-    the old folder whole, or the new one complete."""
-    staging = _hidden_sibling(out_dir, 'partial')
-    staging.mkdir(parents=True)
-    try:
+def staged_folder(out_dir: PathLike, force: bool = False, log: Optional[Log] = None) -> Iterator[Path]:
+    """Lock ``out_dir``, and yield a new empty hidden folder beside it to write into, which replaces
+    ``out_dir`` when the block completes and is deleted if it raises.
+
+    A symlinked ``out_dir`` is written where it points. ``log`` receives what the run did beyond
+    writing (a killed run's leftovers cleaned up, an old folder that could not be deleted); without
+    one these are ``RuntimeWarning``\\ s.
+
+    Raises :class:`DestinationError` when ``out_dir`` is being written by another timm-epsa, is not
+    empty (unless ``force``) or became so while the block ran, or cannot be a destination at all.
+    """
+    with _writing([out_dir], force, log, folder=True) as staging:
         yield staging
-        _move_into_place(staging, out_dir)
+
+
+@contextmanager
+def staged_files(outs: Sequence[PathLike], force: bool = False, log: Optional[Log] = None) -> Iterator[Path]:
+    """Lock the files ``outs`` (all in one folder) and yield a new hidden folder to write them into,
+    under their own names; when the block completes each is moved into place.
+
+    Each file is replaced by one ``rename``, so it is always the complete old or new file. For
+    several files (OpenVINO's ``.xml`` and ``.bin``) there is an instant between two renames where
+    one is new and the other old; signals are held back across it, and should the run be killed
+    there the next run finishes moving the new ones into place. Files the block writes but
+    ``outs`` does not name are refused, never dropped. A folder target is atomic as a whole: prefer
+    :func:`staged_folder` where the format allows one.
+    """
+    with _writing(outs, force, log, folder=False) as staging:
+        yield staging
+
+
+@contextmanager
+def staged_file(out: PathLike, force: bool = False, log: Optional[Log] = None) -> Iterator[Path]:
+    """:func:`staged_files` for one file: yields the hidden path to write it to."""
+    with staged_files([out], force, log) as staging:
+        yield staging / Path(out).name
+
+
+class _Destination:
+    """Where an output goes, resolved, with the user's spelling of it for messages."""
+
+    def __init__(self, path: PathLike):
+        self.shown = str(path)
+        try:
+            self.shown.encode('utf-8')
+        except UnicodeEncodeError:
+            raise DestinationError(
+                f'{_printable(self.shown)}: the path is not valid UTF-8, and torch and safetensors open files only by '
+                f'UTF-8 paths; choose another name') from None
+        self.path = Path(os.path.realpath(path))
+        name = self.path.name.encode('utf-8')
+        if not name:
+            raise DestinationError(f'{self.shown} names no file or folder to write; give the name of one')
+        if len(name) > _NAME_MAX:
+            raise DestinationError(
+                f'{self.shown}: the name is {len(name)} bytes long, more than the {_NAME_MAX} a file name can have')
+        here = Path(os.path.realpath(os.getcwd()))
+        if self.path == here or self.path in here.parents:
+            raise DestinationError(
+                f'{self.shown} is the current folder or holds it, which cannot be replaced; run from outside it, '
+                f'or write to another folder')
+        stem = name.decode('utf-8')
+        if len(name) > _STEM_MAX:  # a prefix, plus a digest of the whole name to keep it unique
+            stem = name[:_STEM_MAX - 9].decode('utf-8', 'ignore') + '~' + hashlib.sha256(name).hexdigest()[:8]
+        self._stem = stem
+        self.lock = self.path.with_name(f'.{stem}.timm-epsa.lock')
+        self._leftover = re.compile(rf'\.{re.escape(stem)}\.[0-9a-f]{{8}}\.({"|".join(_LEFTOVER_KINDS)})')
+
+    def sibling(self, kind: str) -> Path:
+        """A new hidden path beside the destination, on its filesystem, so that renames are atomic."""
+        return self.path.with_name(f'.{self._stem}.{uuid.uuid4().hex[:8]}.{kind}')
+
+    def leftovers(self) -> List[Path]:
+        """Hidden siblings a run writing this destination made and did not remove, in handling order."""
+        try:
+            found = [(m.group(1), p) for p in self.path.parent.iterdir() if (m := self._leftover.fullmatch(p.name))]
+        except FileNotFoundError:
+            return []
+        return [p for kind, p in sorted(found, key=lambda kp: (_LEFTOVER_KINDS.index(kp[0]), kp[1].name))]
+
+
+@contextmanager
+def _writing(outs: Sequence[PathLike], force: bool, log: Optional[Log], folder: bool) -> Iterator[Path]:
+    log = _warn if log is None else log
+    dests = [_Destination(out) for out in outs]
+    if len({d.path.parent for d in dests}) != 1:
+        raise DestinationError(f"{', '.join(d.shown for d in dests)}: files written together must be in one folder")
+    main = dests[0]
+    created = _make_parents(main.path.parent)
+    try:
+        with _locked(main):
+            _handle_leftovers(main, dests, log)
+            for dest in dests:
+                _check_destination(dest, force, folder)
+            staging = main.sibling('partial')
+            staging.mkdir()
+            committed = False
+            try:
+                _pause_for_tests('staging')
+                yield staging
+                with _signals_held() as received:
+                    _pause_for_tests('commit')
+                    if folder:
+                        _commit_folder(staging, main, force, log)
+                    else:
+                        _commit_files(staging, [Path(out).name for out in outs], dests, force, log)
+                    committed = True
+                    if received:
+                        log(f'{main.shown} was written completely before the interrupt took effect')
+            except BaseException as e:
+                if committed:  # an interrupt held back during the swap: the new output stands
+                    raise
+                _remove(staging, log=log, missing_ok=True)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    state = 'is unchanged' if os.path.lexists(main.path) else 'was not written'
+                    raise DestinationError(
+                        f'no space left on the device for {main.shown} ({e.strerror}); {main.shown} {state}: free '
+                        f'some space or write it elsewhere') from e
+                raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted last."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; the ones created, deepest first, to remove on failure."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for parent in reversed(missing):
+        parent.mkdir(exist_ok=True)
+    return missing
+
+
+def _check_destination(dest: _Destination, force: bool, folder: bool, while_writing: bool = False) -> None:
+    """Refuse a destination of the wrong kind, or one that is not empty unless ``force``."""
+    if not os.path.lexists(dest.path):
         return
-    old = _hidden_sibling(out_dir, 'old')
-    out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old)
+    if folder != dest.path.is_dir():
+        kind, wanted = ('a file', 'a folder') if folder else ('a folder', 'a file')
+        raise DestinationError(f'{dest.shown} is {kind}, and {wanted} was to be written there; remove it or choose '
+                               f'another name')
+    if folder and os.path.ismount(dest.path):
+        raise DestinationError(f'{dest.shown} is a mount point, which cannot be replaced; write to a folder inside it')
+    if force or (folder and not any(dest.path.iterdir())):
+        return
+    what = 'is not empty' if folder else 'exists'
+    if while_writing:
+        raise DestinationError(
+            f'{dest.shown} {"was filled" if folder else "was created"} while timm-epsa was writing it: it is left as '
+            f'it is and the new one discarded; pass --force to replace it')
+    raise DestinationError(f'{dest.shown} {what}; pass --force to replace it (only once the new one is complete)')
 
 
-def _hidden_sibling(out_dir: Path, suffix: str) -> Path:
-    """A unique hidden path beside ``out_dir``: same filesystem, so renames between them are atomic."""
-    return out_dir.with_name(f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.{suffix}')
+@contextmanager
+def _locked(dest: _Destination) -> Iterator[None]:
+    """Hold the destination's lock file: exclusively, for the block, removed afterwards."""
+    while True:
+        try:
+            fd = os.open(dest.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DestinationError(
+                f'cannot write in {dest.path.parent}, where {dest.shown} goes ({e.strerror or e}): choose a folder '
+                f'you can write to') from e
+        if not _try_lock(fd):
+            holder = os.read(fd, 32).decode('ascii', 'replace').strip()
+            os.close(fd)
+            pid = f' (pid {holder})' if holder.isdigit() else ''
+            raise DestinationError(
+                f'{dest.shown} is being written by another timm-epsa{pid}; wait for it to finish, or stop it')
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(dest.lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file as this run opened it: lock the one there now
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode('ascii'))
+        yield
+    finally:
+        # Removed while still held: a run that opened it meanwhile finds it is no longer the lock file.
+        try:
+            os.unlink(dest.lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            return False
+        raise
+    return True
+
+
+def _handle_leftovers(main: _Destination, dests: Sequence[_Destination], log: Log) -> None:
+    """Clean up after runs that were killed (nothing else leaves these: it holds the lock now)."""
+    for leftover in main.leftovers():
+        kind = leftover.suffix[1:]
+        if kind == 'old' and not os.path.lexists(main.path):
+            os.rename(leftover, main.path)
+            log(f'{main.shown} was missing: put back the previous {main.shown} from {leftover.name}, where a '
+                f'timm-epsa run that was killed had moved it aside')
+            continue
+        if kind == 'commit':
+            names = sorted(p.name for p in leftover.iterdir())
+            for name in names:
+                os.replace(leftover / name, main.path.with_name(name))
+            log(f"moved {', '.join(names)} into place beside {main.shown}: a timm-epsa run that was killed had begun "
+                f"to (from {leftover.name})")
+        if _remove(leftover, log=log) and kind != 'commit':
+            what = (f'what {main.shown} held before a timm-epsa run that was killed replaced it' if kind == 'old'
+                    else 'the unfinished output of a timm-epsa run that was killed')
+            log(f'removed {leftover.name} beside {main.shown}: {what}')
+
+
+def _commit_folder(staging: Path, dest: _Destination, force: bool, log: Log) -> None:
+    """Put the folder ``staging`` in ``dest``'s place and delete what was there."""
+    _check_destination(dest, force, folder=True, while_writing=True)
+    if not os.path.lexists(dest.path):
+        _rename_no_replace(staging, dest, folder=True)
+        return
+    try:
+        _renameat2(staging, dest.path, _RENAME_EXCHANGE)
+    except _Unsupported:
+        _move_aside_and_in(staging, dest, force, log)
+        return
+    # ``staging`` now holds what was in ``dest``.
+    if not force:
+        try:
+            staging.rmdir()
+            return
+        except OSError:  # a file appeared in it just before the exchange: give it back
+            _renameat2(staging, dest.path, _RENAME_EXCHANGE)
+            _check_destination(dest, force, folder=True, while_writing=True)
+            raise
+    _remove_previous(staging, dest, log)
+
+
+def _move_aside_and_in(staging: Path, dest: _Destination, force: bool, log: Log) -> None:
+    """Where folders cannot be exchanged: rename the old one aside, the new one in. Should the run die
+    in between, the next one finds the old one aside and puts it back."""
+    if not force:  # rename replaces an empty folder only, atomically
+        _rename_no_replace(staging, dest, folder=True, replace_empty=True)
+        return
+    old = dest.sibling('old')
+    os.rename(dest.path, old)
+    _pause_for_tests('moved-aside')
+    try:
+        os.rename(staging, dest.path)
+    except BaseException:
+        os.rename(old, dest.path)
+        raise
+    _remove_previous(old, dest, log)
+
+
+def _commit_files(staging: Path, names: Sequence[str], dests: Sequence[_Destination], force: bool, log: Log) -> None:
+    """Move each file of ``staging`` (written under ``names``) to its destination. ``staging`` is
+    renamed to ``.commit`` first, which tells the next run to finish the moves should this run be
+    killed between them."""
+    written = {p.name for p in staging.iterdir()}
+    if written != set(names):
+        raise DestinationError(
+            f'the files written ({", ".join(sorted(written)) or "none"}) are not the ones declared '
+            f'({", ".join(sorted(names))}): nothing was moved into place')
+    for name, dest in zip(names, dests):
+        _check_destination(dest, force, folder=False, while_writing=True)
+        if name != dest.path.name:  # a symlink is written where it points
+            os.rename(staging / name, staging / dest.path.name)
+    committing = dests[0].sibling('commit')
+    os.rename(staging, committing)
+    try:
+        for dest in dests:
+            if force:
+                os.replace(committing / dest.path.name, dest.path)
+            else:
+                _rename_no_replace(committing / dest.path.name, dest, folder=False)
+    except BaseException:
+        os.rename(committing, staging)  # what is left is removed with the staging folder
+        raise
+    committing.rmdir()
+
+
+def _rename_no_replace(source: Path, dest: _Destination, folder: bool, replace_empty: bool = False) -> None:
+    """Rename ``source`` to ``dest`` unless something is there now (an empty folder may be replaced
+    where the OS cannot refuse to replace one)."""
+    try:
+        if replace_empty:
+            os.rename(source, dest.path)
+        else:
+            try:
+                _renameat2(source, dest.path, _RENAME_NOREPLACE)
+            except _Unsupported:
+                if os.path.lexists(dest.path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest.path)) from None
+                os.rename(source, dest.path)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            _check_destination(dest, False, folder, while_writing=True)
+        raise
+
+
+def _remove_previous(old: Path, dest: _Destination, log: Log) -> None:
+    """Delete the replaced content; failing that the run still succeeded: say what is left where."""
+    _remove(old, log=log, what=f'{dest.shown} is the new one, but the previous one could not be deleted')
+
+
+def _remove(path: Path, log: Optional[Log] = None, what: str = 'could not remove a leftover',
+            missing_ok: bool = False) -> bool:
+    """Delete a file or folder tree; True if done. With ``log``, a failure is logged instead of raised."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError as e:
+        if log is None:
+            raise
+        log(f'warning: {what} ({e.strerror or e}): it is left in {path}; delete it yourself')
+        return False
+    return True
+
+
+class _Unsupported(Exception):
+    """renameat2, or the flag asked of it, is not available for these paths."""
+
+
+def _load_renameat2() -> Optional[Callable[..., int]]:
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not glibc/musl on Linux
+        return None
+
+
+_RENAMEAT2 = _load_renameat2() if sys.platform.startswith('linux') else None
+_AT_FDCWD = -100
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> None:
+    if _RENAMEAT2 is None:
+        raise _Unsupported()
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) != 0:
+        code = ctypes.get_errno()
+        if code in _UNSUPPORTED:
+            raise _Unsupported()
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
+_held: Optional[List[int]] = None  # the signals received while _signals_held is active
+
+
+@contextmanager
+def _signals_held() -> Iterator[List[int]]:
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends, so that the
+    destination never changes half-way. Only the main thread can do this; elsewhere it does nothing."""
+    global _held
+    received: List[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:  # None: installed outside Python, cannot be restored
+                previous[signum] = handler
+                signal.signal(signum, lambda number, frame: received.append(number))
+    _held = received
+    try:
+        yield received
+    finally:
+        _held = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def _pause_for_tests(step: str) -> None:
+    """With ``$TIMM_EPSA_TEST_PAUSE`` set to ``step``, announce it on stderr and wait (a minute at
+    most) for a signal, so that a test can interrupt or kill the run exactly here. Test-only."""
+    if os.environ.get(PAUSE_ENV) != step:
+        return
+    print(f'timm-epsa: paused at {step} (pid {os.getpid()})', file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 60
+    while not _held and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _printable(text: str) -> str:
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')

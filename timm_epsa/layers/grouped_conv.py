@@ -164,6 +164,8 @@ def conv_weight_grad(
     """
     out_chs, in_per_group, kh, kw = weight_shape[0], weight_shape[1], weight_shape[2], weight_shape[3]
     B, C, H, W = x.shape
+    if B == 0:  # an empty batch: the reshapes below would lose the channels, and every sum is empty
+        return grad_out.new_zeros(weight_shape)
     Ho, Wo = grad_out.shape[2], grad_out.shape[3]
     if in_per_group == 1 and out_chs == groups:
         pairs = x.transpose(0, 1).reshape(1, C * B, H, W)

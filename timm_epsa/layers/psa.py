@@ -75,11 +75,11 @@ class SEWeight(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        hidden = channels // reduction
+        hidden = channels // reduction if reduction >= 1 else 0
         if hidden < 1:
             raise ValueError(
                 f'SEWeight: channels={channels} // reduction={reduction} leaves no hidden channel; '
-                f'use a reduction of at most {channels}.')
+                f'use a reduction from 1 to {channels}.')
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True, **dd)
         self.act = _create_act(act_layer)
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True, **dd)

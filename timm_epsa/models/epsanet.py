@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_aa, create_attn
+from timm.layers import create_aa, create_attn, get_act_layer
 from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
@@ -32,7 +32,7 @@ from ..checkpoint import check_fits
 from ..hub_repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
-__all__ = ['EPSABottleneck', 'MODEL_NAMES']
+__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_model_args']
 
 # Small is the PSA layer's default schedule; Large keeps its kernels with 32 groups per branch.
 LARGE_PSA = dict(groups=(32, 32, 32, 32))
@@ -156,12 +156,31 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     return state_dict
 
 
+def check_model_args(model_name: str, model_args: Dict[str, Any], where: str) -> None:
+    """Refuse a ``block`` or ``act_layer`` EPSANet cannot be built with, before timm fails on it deep
+    inside ResNet: from a config.json they can only be names, and ``block`` cannot be one."""
+    block = model_args.get('block')
+    if block is not None and not (isinstance(block, type) and issubclass(block, nn.Module)):
+        raise ValueError(
+            f"{where}: block={block!r} is not a block class; {model_name} is built of EPSABottleneck blocks, "
+            f"remove 'block'")
+    act_layer = model_args.get('act_layer')
+    if isinstance(act_layer, str):
+        try:
+            get_act_layer(act_layer)
+        except KeyError:
+            raise ValueError(
+                f"{where}: act_layer={act_layer!r} is not an activation timm knows; use a name "
+                f"timm.layers.get_act_layer accepts, e.g. 'relu', 'silu' or 'gelu'") from None
+
+
 def _create_epsanet(
         variant: str,
         pretrained: bool = False,
         psa_kwargs: Optional[Dict[str, Any]] = None,
         **kwargs,
 ) -> ResNet:
+    check_model_args(variant, kwargs, where=f'{variant} arguments')
     # Merge rather than replace block_args so that e.g. block_args=dict(attn_layer='se') keeps the
     # variant's PSA schedule.
     kwargs['block_args'] = {'psa_kwargs': psa_kwargs, **(kwargs.get('block_args') or {})}
