@@ -63,6 +63,18 @@ def test_check_values_allows_nonfinite_only_when_asked(tiny_model):
         check_values(state_dict, tiny_model, what='w', allow_nonfinite=True)
 
 
+def test_check_values_sees_the_values_as_the_model_will_hold_them(tiny_model):
+    """A float64 value beyond float32's range becomes inf in the model; a sparse tensor is no weight."""
+    state_dict = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state_dict['fc.weight'] = state_dict['fc.weight'].double()
+    state_dict['fc.weight'][0, 0] = 1e300
+    with pytest.raises(CheckpointError, match='fc.weight holds 1 non-finite values'):
+        check_values(state_dict, tiny_model, what='w')
+    state_dict['fc.weight'] = tiny_model.state_dict()['fc.weight'].to_sparse()
+    with pytest.raises(CheckpointError, match='fc.weight is a sparse_coo tensor, where the model has a dense one'):
+        check_values(state_dict, tiny_model, what='w')
+
+
 @pytest.mark.parametrize('args, message', [
     (dict(std=(0., 0., 0.)), 'std=(0.0, 0.0, 0.0), which is not 1 or 3 positive numbers'),
     (dict(mean=[float('nan')]), 'mean=[nan], which is not 1 or 3 finite numbers'),

@@ -123,13 +123,36 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path, resnet50_state
         timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 
 
-def test_backbone_weights_of_a_model_with_other_classes_load_for_features(tmp_path):
+@pytest.fixture
+def tuned(tmp_path):
+    """(model, file): a fine-tuned model (10 classes) and its weights file."""
+    torch.manual_seed(0)
+    model = timm.create_model('epsanet50', layers=(1, 1, 1, 1), num_classes=10).eval()
+    path = tmp_path / 'tuned.safetensors'
+    safetensors.torch.save_file(model.state_dict(), path)
+    return model, path
+
+
+def test_a_classifier_of_another_size_is_named_with_the_fix(tuned):
+    """timm keeps the classifier when the model has the class count of the weights' cfg (1000 here):
+    the weights' 10 classes are then refused in one sentence saying what to pass, not in torch's words."""
+    model, path = tuned
+    with pytest.raises(CheckpointMismatchError, match=(
+            r'their classifier fc\.weight \(10, 2048\) is for 10 classes, the model has \(1000, 2048\): to keep it, '
+            r'pass num_classes=10 and num_classes=10 in pretrained_cfg_overlay')):
+        timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    kept = timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, num_classes=10,
+                             pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    assert torch.equal(kept.fc.weight, model.fc.weight)
+    new = timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, num_classes=5,
+                            pretrained_cfg_overlay=dict(file=str(path)))
+    assert new.fc.weight.shape == (5, 2048) and torch.equal(new.conv1.weight, model.conv1.weight)
+
+
+def test_backbone_weights_of_a_model_with_other_classes_load_for_features(tuned):
     """A fine-tuned model's file (10 classes) serves as the backbone of a detector or segmenter
     (features_only), with no class count given: timm drops its classifier."""
-    torch.manual_seed(0)
-    tuned = timm.create_model('epsanet50', layers=(1, 1, 1, 1), num_classes=10).eval()
-    path = tmp_path / 'tuned.safetensors'
-    safetensors.torch.save_file(tuned.state_dict(), path)
+    tuned, path = tuned
     backbone = timm.create_model(
         'epsanet50', layers=(1, 1, 1, 1), features_only=True, pretrained=True,
         pretrained_cfg_overlay=dict(file=str(path))).eval()

@@ -172,6 +172,8 @@ def test_refuses_to_overwrite_a_previous_run_without_force(capsys, tmp_path):
     (['--epochs', '0'], 'argument --epochs: 0 is less than 1'),
     (['--epochs', 'ten'], "argument --epochs: 'ten' is not a whole number"),
     (['--img-size', '4'], 'argument --img-size: 4 is less than 8'),
+    (['--img-size', '4096'], 'argument --img-size: 4096 is more than 1024'),
+    (['--seed', '-1'], 'argument --seed: -1 is less than 0'),
     (['--train-images', '0'], 'argument --train-images: 0 is less than 1'),
     (['--output', 'same', '--imagefolder', 'same/digits'], 'must be apart, not one inside the other'),
 ])

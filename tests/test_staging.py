@@ -95,23 +95,32 @@ def test_files_a_user_puts_into_out_meanwhile_survive(tmp_path, log, swap, exist
     assert contents(out) == {'mine': 'user'} and [p.name for p in tmp_path.iterdir()] == ['out']
 
 
-def test_a_file_that_appears_just_before_the_exchange_is_given_back(tmp_path, log, monkeypatch):
-    """The check before the swap can be overtaken: the exchange is then undone, nothing replaced."""
-    if staging._RENAMEAT2 is None:
-        pytest.skip('renameat2 is not available here')
+def test_a_file_that_appears_just_before_the_swap_stays_and_nothing_is_replaced(tmp_path, log, monkeypatch):
+    """The check before the swap can be overtaken: without force the swap itself (a rename, which
+    replaces an empty folder only) refuses, and the user's file stays where it was put."""
     out = (tmp_path / 'out')
     out.mkdir()
-    exchange = staging._renameat2
+    rename = os.rename
 
-    def racing(source, target, flags):
-        if not (target / 'mine').exists():
-            write(target, mine='user')
-        exchange(source, target, flags)
-    monkeypatch.setattr(staging, '_renameat2', racing)
+    def racing(source, target):
+        if Path(target) == out and not (out / 'mine').exists():
+            write(out, mine='user')
+        rename(source, target)
+    monkeypatch.setattr(os, 'rename', racing)
     with pytest.raises(DestinationError, match='was filled while'):
         with staged_folder(out, log=log) as staging_dir:
             write(staging_dir, a='new')
     assert contents(out) == {'mine': 'user'} and [p.name for p in tmp_path.iterdir()] == ['out']
+
+
+def test_a_link_planted_where_the_lock_goes_is_not_written_through(tmp_path, log):
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('precious')
+    (tmp_path / '.out.timm-epsa.lock').symlink_to(victim)
+    with pytest.raises(DestinationError, match=r'\.out\.timm-epsa\.lock is a symbolic link'):
+        with staged_folder(tmp_path / 'out', log=log):
+            pass
+    assert victim.read_text() == 'precious' and not (tmp_path / 'out').exists()
 
 
 def test_a_symlinked_folder_is_replaced_where_it_points(tmp_path, log, swap):
@@ -173,7 +182,8 @@ def test_leftovers_of_killed_runs_are_restored_or_removed_and_reported(tmp_path,
     assert log == [
         'out was missing: put back the previous out from .out.0123abcd.old, where a timm-epsa run that was killed '
         'had moved it aside',
-        'removed .out.4567cdef.partial beside out: the unfinished output of a timm-epsa run that was killed',
+        'removed .out.4567cdef.partial beside out: the unfinished output (or the replaced content) of a timm-epsa run '
+        'that was killed',
     ]
     log.clear()
     write(tmp_path / '.out.0123abcd.old', old='replaced')  # killed after the new folder took its place
@@ -182,6 +192,21 @@ def test_leftovers_of_killed_runs_are_restored_or_removed_and_reported(tmp_path,
             pass
     assert contents(tmp_path / 'out') == {'a': 'new'} and log == [
         'removed .out.0123abcd.old beside out: what out held before a timm-epsa run that was killed replaced it']
+
+
+def test_a_folder_moved_aside_by_a_killed_run_is_never_deleted(tmp_path, log, monkeypatch):
+    """Killed between its two renames, a run leaves the old folder aside and its own new one unfinished;
+    if the destination has been made again meanwhile, the next run (without force) keeps both."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / '.out.0123abcd.old', mine='the previous out')
+    write(tmp_path / '.out.0123abcd.partial', half='new')
+    (tmp_path / 'out').mkdir()  # the user, finding out gone, made it again
+    with staged_folder('out', log=log) as staging_dir:
+        write(staging_dir, a='new')
+    assert contents(tmp_path / 'out') == {'a': 'new'}
+    assert contents(tmp_path / '.out.0123abcd.old') == {'mine': 'the previous out'}
+    assert log[0].startswith(f"warning: {tmp_path / '.out.0123abcd.old'} holds the previous out, moved aside by a")
+    assert not (tmp_path / '.out.0123abcd.partial').exists()
 
 
 def test_destinations_that_cannot_be_written_are_refused_in_one_line(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from torch import nn
 from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
-from .escaping import one_line
+from .escaping import first_line, one_line
 
 __all__ = [
     'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',
@@ -185,6 +185,10 @@ def check_values(
     slots = model.state_dict()
     for key, tensor in state_dict.items():
         slot = slots[key]
+        if tensor.layout != torch.strided:
+            raise CheckpointError(
+                f'{what}: {key} is a {str(tensor.layout).removeprefix("torch.")} tensor, where the model has a dense '
+                f'one; save the checkpoint with dense tensors (tensor.to_dense())')
         if tensor.dtype == torch.bool or tensor.is_complex() or tensor.is_floating_point() != slot.is_floating_point():
             raise CheckpointError(
                 f'{what}: {key} holds {tensor.dtype} values where the model has {slot.dtype} ones (quantized or '
@@ -192,6 +196,7 @@ def check_values(
                 f'the tensor yourself if its values are meant as they are')
         if not tensor.is_floating_point():
             continue
+        tensor = tensor.to(slot.dtype)  # the values as the model will hold them: 1e300 is inf in float32
         if not allow_nonfinite:
             bad = tensor.numel() - int(torch.isfinite(tensor).sum())
             if bad:
@@ -272,7 +277,7 @@ def _read_record(path: Path) -> Dict[str, Any]:
             f'only tensors, plain containers and argparse.Namespace are allowed (torch.load weights_only=True)'
         ) from e
     except Exception as e:  # what torch raises for damaged files varies: RuntimeError, EOFError, KeyError...
-        raise _unreadable(path, f'{type(e).__name__}: {_first_line(e)}') from e
+        raise _unreadable(path, f'{type(e).__name__}: {first_line(e)}') from e
     return content if isinstance(content, dict) else {}
 
 
@@ -330,5 +335,3 @@ def _unsafe_globals(path: Path, error: pickle.UnpicklingError) -> Optional[str]:
     return 'objects other than tensors' if 'GLOBAL' in str(error) else None
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

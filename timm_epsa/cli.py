@@ -20,11 +20,11 @@ from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
 from .cards import render_model_card
 from .checkpoint import CheckpointError
-from .convert import check_repo_id, convert_checkpoint
+from .convert import convert_checkpoint
 from .escaping import one_line
 from .hub import PretrainedWeightsError, cached_weights
 from .hub_folder import HubFolderError
-from .hub_repos import NAMESPACE_ENV, hub_namespace, hub_repo_id
+from .hub_repos import NAMESPACE_ENV, check_repo_id, hub_namespace, hub_repo_id
 from .measure import measure_model
 from .models.epsanet import MODEL_NAMES
 from .publish import push_folder
@@ -59,8 +59,8 @@ def _percent(value: str) -> float:
     return number
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number no less than ``minimum``."""
+def _at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` (to ``maximum``)."""
     def whole_number(value: str) -> int:
         try:
             number = int(value)
@@ -68,6 +68,8 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f'{value!r} is not a whole number') from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f'{value} is less than {minimum}')
+        if maximum is not None and number > maximum:
+            raise argparse.ArgumentTypeError(f'{value} is more than {maximum}')
         return number
     return whole_number
 
@@ -215,9 +217,10 @@ def _add_quickstart(subparsers: argparse._SubParsersAction) -> None:
                         help=f'folder to write; must be empty or absent unless --force (default: ./{DEFAULT_OUTPUT})')
     parser.add_argument('--epochs', type=_at_least(1), default=recipe.epochs, metavar='N',
                         help=f'training epochs (default: {recipe.epochs})')
-    parser.add_argument('--img-size', type=_at_least(8), default=recipe.img_size, metavar='PX',
-                        help=f'side the 8x8 digits are upsampled to (default: {recipe.img_size})')
-    parser.add_argument('--seed', type=int, default=recipe.seed, help=f'random seed (default: {recipe.seed})')
+    parser.add_argument('--img-size', type=_at_least(8, 1024), default=recipe.img_size, metavar='PX',
+                        help=f'side the 8x8 digits are upsampled to, 8 to 1024 (default: {recipe.img_size})')
+    parser.add_argument('--seed', type=_at_least(0, 2 ** 32 - 1), default=recipe.seed, metavar='N',
+                        help=f'random seed, 0 to 2**32-1 as numpy takes it (default: {recipe.seed})')
     parser.add_argument('--train-images', type=_at_least(1), metavar='N',
                         help='train on the first N training images only, for a smoke test (default: all 1,437); '
                              'accuracy is still measured on all 360 held-out images')
@@ -263,20 +266,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f'timm-epsa {args.command}: error: {one_line(str(e))}', file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f'timm-epsa {args.command}: interrupted', file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"timm-epsa {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's status for the signal
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise _Terminated()
 
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block, so that a command stops as Ctrl-C stops it:
-    cleaning up, with one line. Only the main thread can handle signals."""
+    """SIGTERM stops a command inside the block as Ctrl-C stops it: cleaning up, with one line. Only
+    the main thread can handle signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:

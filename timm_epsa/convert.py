@@ -14,20 +14,18 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import timm
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from . import __version__
 from .checkpoint import Checkpoint, check_fits, check_values, read_checkpoint, recorded_data_config
 from .escaping import code_span, shell_word
 from .hub_folder import write_hub_folder
-from .hub_repos import hub_repo_id
+from .hub_repos import check_repo_id, hub_repo_id
 from .measure import ModelFacts
 from .models.epsanet import MODEL_NAMES
 from .staging import staged_folder
 
-__all__ = ['ConvertedFolder', 'check_repo_id', 'convert_checkpoint']
+__all__ = ['ConvertedFolder', 'convert_checkpoint']
 
 # train.py arguments worth recording on a model card: the ones that shape the weights.
 _TRAIN_ARGS = (
@@ -106,21 +104,6 @@ def convert_checkpoint(
             log=progress,
         )
     return ConvertedFolder(path=out_dir, model_name=model_name, repo_id=repo_id, facts=facts, checkpoint=checkpoint)
-
-
-def check_repo_id(repo_id: str) -> str:
-    """``repo_id`` if the Hub would accept it as ``<user or organisation>/<name>``, else a ``ValueError``
-    that says why: checked before converting, not by the Hub at ``push``."""
-    try:
-        validate_repo_id(repo_id)
-        reason = None if repo_id.count('/') == 1 else 'it must be <user or organisation>/<name>'
-    except HFValidationError as e:
-        reason = str(e).strip().splitlines()[0]
-    if reason:
-        raise ValueError(
-            f"--repo-id {repo_id!r} is not a repo id the Hub accepts ({reason.rstrip('.')}); give "
-            f"<user or organisation>/<name>, e.g. me/epsanet50.in1k")
-    return repo_id
 
 
 def _model_for(checkpoint: Checkpoint, model_name: str, src: Path) -> nn.Module:

@@ -17,7 +17,7 @@ small per-GPU batches; the defaults follow whether it is: 3 trainable layers and
 for a pretrained backbone (mmdetection's ``frozen_stages=1``), everything trainable otherwise.
 """
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Type
 
 import timm
 from timm.layers import freeze_batch_norm_2d
@@ -152,9 +152,8 @@ def fasterrcnn_epsanet_fpn(
         backbone_kwargs: Passed to ``timm.create_model``.
         **kwargs: Passed to torchvision's ``FasterRCNN`` (``min_size``, ``max_size``, ...).
     """
-    backbone = epsanet_fpn_backbone(
-        model_name, pretrained_backbone, trainable_backbone_layers, frozen_bn=frozen_bn, **(backbone_kwargs or {}))
-    return FasterRCNN(backbone, num_classes=num_classes, **_detector_kwargs(backbone, kwargs))
+    return _rcnn(FasterRCNN, model_name, num_classes, pretrained_backbone, trainable_backbone_layers, frozen_bn,
+                 backbone_kwargs, kwargs)
 
 
 def maskrcnn_epsanet_fpn(
@@ -170,9 +169,24 @@ def maskrcnn_epsanet_fpn(
 
     Arguments as :func:`fasterrcnn_epsanet_fpn`; ``kwargs`` go to torchvision's ``MaskRCNN``.
     """
+    return _rcnn(MaskRCNN, model_name, num_classes, pretrained_backbone, trainable_backbone_layers, frozen_bn,
+                 backbone_kwargs, kwargs)
+
+
+def _rcnn(
+        detector: Type[FasterRCNN],
+        model_name: str,
+        num_classes: int,
+        pretrained_backbone: bool,
+        trainable_backbone_layers: Optional[int],
+        frozen_bn: Optional[bool],
+        backbone_kwargs: Optional[Dict[str, Any]],
+        kwargs: Dict[str, Any],
+) -> FasterRCNN:
+    """Faster R-CNN or its subclass Mask R-CNN on the same EPSANet-FPN backbone."""
     backbone = epsanet_fpn_backbone(
         model_name, pretrained_backbone, trainable_backbone_layers, frozen_bn=frozen_bn, **(backbone_kwargs or {}))
-    return MaskRCNN(backbone, num_classes=num_classes, **_detector_kwargs(backbone, kwargs))
+    return detector(backbone, num_classes=num_classes, **_detector_kwargs(backbone, kwargs))
 
 
 def retinanet_epsanet_fpn(

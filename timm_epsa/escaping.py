@@ -8,7 +8,7 @@ and raw HTML to a model card someone then publishes.
 import re
 import shlex
 
-__all__ = ['code_block', 'code_span', 'one_line', 'shell_word']
+__all__ = ['code_block', 'code_span', 'first_line', 'one_line', 'shell_word']
 
 _LINE_BREAK = re.compile(r'\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]\s*')  # with the whitespace around it
 _BACKTICKS = re.compile(r'`+')
@@ -19,6 +19,12 @@ def one_line(text: str) -> str:
     a tab a space, other characters that are not printable (control and escape sequences,
     direction overrides, bytes of an undecodable file name) their backslash escapes."""
     return ''.join(_escaped(c) for c in _LINE_BREAK.sub(' ', text).strip())
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (libraries add paragraphs of advice after it), or the
+    error's type where it has none: what a one-line report can quote."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def shell_word(text: str) -> str:

@@ -16,15 +16,16 @@ that one call, for EPSANet architectures only, with these rules:
   never a random init.
 
 ``timm.create_model('hf-hub:<repo>')`` reads the repo's config.json before any architecture is
-known, through timm's ``download_from_hf``: :func:`install` makes that go through the same
-download for every architecture (its revision is the user's input too), and checks the
-``model_args`` of an EPSANet config.json before timm passes them on.
+known, through timm's ``download_from_hf``: there, for every architecture, :func:`install` only
+refuses a path-like revision (the one change this package makes to other models' loading); the
+``model_args`` of an EPSANet config.json are checked before timm passes them on.
 
 Where the weights come from is decided by timm (``_resolve_pretrained_source``); this module asks
 it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.publish`.
 """
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Dict, Optional
 
 import safetensors.torch
@@ -40,10 +41,12 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 
+import timm
 from timm.models import _builder, _hub
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
 from .checkpoint import CheckpointMismatchError
+from .escaping import first_line
 from .hub_download import (
     HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
 from .hub_repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
@@ -67,14 +70,27 @@ class PretrainedWeightsError(RuntimeError):
 
 
 def install() -> None:
-    """Attach the rules to timm's ``load_pretrained``, its config.json download and its config.json
-    parsing; other architectures load exactly as before but for the download's checks. Idempotent."""
-    if not getattr(_builder.load_pretrained, '_timm_epsa_rules', False):
-        _builder.load_pretrained = _with_epsanet_rules(_builder.load_pretrained)
-    if not getattr(_hub.download_from_hf, '_timm_epsa_rules', False):
-        _hub.download_from_hf = _verified_download_from_hf
-    if not getattr(_hub._parse_model_cfg, '_timm_epsa_rules', False):
-        _hub._parse_model_cfg = _with_model_args_checked(_hub._parse_model_cfg)
+    """Attach the rules to timm's ``load_pretrained`` and config.json parsing (EPSANet architectures
+    only) and the revision check to its config.json download (every architecture: the revision is
+    the user's input before any architecture is known). Idempotent.
+
+    These are private names of timm: where a timm release lacks one, that rule is left out with a
+    warning, and the models still register and load through timm's own path.
+    """
+    for module, name, wrap in (
+            (_builder, 'load_pretrained', _with_epsanet_rules),
+            (_hub, 'download_from_hf', _with_revision_checked),
+            (_hub, '_parse_model_cfg', _with_model_args_checked),
+    ):
+        original = getattr(module, name, None)
+        if original is None:
+            warnings.warn(
+                f'timm-epsa: this timm ({timm.__version__}) has no {module.__name__}.{name}; pretrained=True on '
+                f'EPSANet works without the rule attached there (see timm_epsa.hub)', RuntimeWarning)
+        elif not getattr(original, '_timm_epsa_rules', False):
+            wrapped = wrap(original)
+            wrapped._timm_epsa_rules = True
+            setattr(module, name, wrapped)
 
 
 def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[..., None]:
@@ -89,15 +105,17 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
         load_from, _ = _builder._resolve_pretrained_source(cfg)
         if not load_from:
             raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
+        call = signature.bind(model, pretrained_cfg, *args, **kwargs)
+        call.apply_defaults()
+        call.arguments['filter_fn'] = _classifier_checked(call.arguments['filter_fn'], cfg, call.arguments['num_classes'])
         if load_from != 'hf-hub':  # a file, folder or state dict the user named: timm's errors name it
-            return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
+            return timm_load_pretrained(*call.args, **call.kwargs)
         hf_hub_id = cfg['hf_hub_id']
         filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
         if not filename.endswith('.safetensors'):
             raise PretrainedWeightsError(
                 f"hf_hub_filename={filename!r} for Hub repo '{hf_hub_id}': weights are loaded from the Hub only as "
                 f"safetensors, a pickle is never unpickled. {_ways_out(model_name)}")
-        call = signature.bind(model, pretrained_cfg, *args, **kwargs)
         try:
             repo_id, revision = split_repo_revision(hf_hub_id)
             path = download(repo_id, filename, revision, cache_dir=call.arguments.get('cache_dir'))
@@ -108,17 +126,44 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
         except _HUB_ERRORS as e:
             raise PretrainedWeightsError(_explain(e, hf_hub_id, filename, model_name)) from e
 
-    load_pretrained._timm_epsa_rules = True
     return load_pretrained
 
 
-def _verified_download_from_hf(model_id: str, filename: str, cache_dir: Optional[str] = None) -> str:
-    """timm's ``download_from_hf`` (``'org/repo@revision'``, a file name) through :func:`download`."""
-    repo_id, revision = split_repo_revision(model_id)
-    return download(repo_id, filename, revision, cache_dir=cache_dir)
+def _classifier_checked(
+        filter_fn: Optional[Callable[..., Dict[str, Any]]],
+        cfg: Dict[str, Any],
+        num_classes: int,
+) -> Optional[Callable[..., Dict[str, Any]]]:
+    """``filter_fn``, and where timm keeps the weights' classifier (the model has the class count of
+    the weights' cfg) a check that it has that many classes: else torch's strict load fails in a
+    paragraph about tensor sizes. Where timm drops the classifier there is nothing to check."""
+    classifier = cfg.get('classifier')
+    if num_classes != cfg.get('num_classes') or not classifier:
+        return filter_fn
+
+    def checked(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
+        state_dict = filter_fn(state_dict, model) if filter_fn is not None else state_dict
+        weight, expected = state_dict.get(f'{classifier}.weight'), getattr(model, classifier, None)
+        if weight is not None and getattr(expected, 'weight', None) is not None and weight.shape != expected.weight.shape:
+            classes = weight.shape[0]
+            raise CheckpointMismatchError('the checkpoint', cfg['architecture'], (
+                f'their classifier {classifier}.weight {tuple(weight.shape)} is for {classes} classes, the model has '
+                f'{tuple(expected.weight.shape)}: to keep it, pass num_classes={classes} and num_classes={classes} in '
+                f'pretrained_cfg_overlay; for a new classifier, pass num_classes=<your number of classes>'))
+        return state_dict
+
+    return checked
 
 
-_verified_download_from_hf._timm_epsa_rules = True
+def _with_revision_checked(timm_download_from_hf: Callable[..., str]) -> Callable[..., str]:
+    """timm's ``download_from_hf`` (``'org/repo@revision'``, a file name), refusing a revision that
+    huggingface_hub would turn into a path outside its cache before it sees it; nothing else changes."""
+    @functools.wraps(timm_download_from_hf)
+    def download_from_hf(model_id: str, *args, **kwargs) -> str:
+        split_repo_revision(model_id)
+        return timm_download_from_hf(model_id, *args, **kwargs)
+
+    return download_from_hf
 
 
 def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,7 +182,6 @@ def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callab
             check_model_args(model_name, model_args or {}, where=where)
         return pretrained_cfg, model_name, model_args
 
-    parse_model_cfg._timm_epsa_rules = True
     return parse_model_cfg
 
 
@@ -192,7 +236,7 @@ def _explain(error: Exception, hf_hub_id: str, filename: str, model_name: str) -
             except ValueError as bad_namespace:
                 return f'{bad_namespace}. {ways_out}'
         return f"'{repo}' is not a valid Hub repo id: {error}"
-    return f"Downloading {filename} from {where} failed: {(str(error).strip().splitlines() or [''])[0]}"
+    return f'Downloading {filename} from {where} failed: {first_line(error)}'
 
 
 def _ways_out(model_name: str) -> str:

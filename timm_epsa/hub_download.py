@@ -7,10 +7,11 @@
   ``hf_hub_download`` retries with growing timeouts for minutes. One metadata request with the
   ``HF_HUB_ETAG_TIMEOUT`` timeout (10 s unless set) comes first: if it fails for a network reason,
   the file comes from the local cache or the error says the Hub cannot be reached.
-* **The bytes are the ones the Hub states.** The Hub's ETag for a file is its sha256 (files in
-  Git LFS, such as weights) or its Git blob hash (small files); the cache stores the file under
-  it. The file is hashed and compared, every time it is used: a damaged download, or a cached copy
-  changed since, is removed from the cache and refused.
+* **The bytes are the ones the Hub states.** The Hub's ETag for a file in Git LFS or Xet, as
+  weights are, is its sha256, and the cache stores the file under it. The file is hashed and
+  compared every time it is used: a damaged download, or a cached copy changed since, is removed
+  from the cache and refused. (Small files in plain Git have their Git blob hash as ETag instead;
+  nothing is fetched through here that would be one.)
 """
 import hashlib
 import os
@@ -19,6 +20,8 @@ from typing import Optional, Tuple
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+from .escaping import first_line
 
 try:
     from httpx2 import TransportError  # how huggingface_hub 2.x fails when the network does
@@ -32,7 +35,6 @@ __all__ = [
 
 _UNAVAILABLE = (408, 429, 500, 502, 503, 504)  # statuses huggingface_hub treats as the Hub being unavailable
 _SHA256 = re.compile(r'[0-9a-f]{64}')
-_GIT_SHA1 = re.compile(r'[0-9a-f]{40}')
 _CHUNK = 1 << 20
 
 
@@ -83,7 +85,7 @@ def download(repo_id: str, filename: str, revision: Optional[str] = None, cache_
             etag = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=timeout).etag
         except TransportError as e:
             silent = 'Timeout' in type(e).__name__
-            unreachable = f'did not answer within {timeout} s' if silent else f'cannot be reached ({_first_line(e)})'
+            unreachable = f'did not answer within {timeout} s' if silent else f'cannot be reached ({first_line(e)})'
         except HfHubHTTPError as e:
             if e.response is None or e.response.status_code not in _UNAVAILABLE:
                 raise
@@ -102,17 +104,14 @@ def download(repo_id: str, filename: str, revision: Optional[str] = None, cache_
 
 
 def _verify(path: str, etag: Optional[str], repo_id: str, filename: str) -> None:
-    """Compare the file with the checksum it is cached under (its ETag), or the one just served."""
+    """Compare the file with the sha256 it is cached under (its ETag), or the one just served."""
     blob = os.path.realpath(path)
     expected = os.path.basename(blob)
-    if not (_SHA256.fullmatch(expected) or _GIT_SHA1.fullmatch(expected)):  # a cache without symlinks
+    if not _SHA256.fullmatch(expected):  # a cache without symlinks
         expected = etag or ''
-    if _SHA256.fullmatch(expected):
-        actual, kind = _sha256(blob), 'sha256'
-    elif _GIT_SHA1.fullmatch(expected):
-        actual, kind = _git_blob_sha1(blob), 'Git blob hash'
-    else:
-        return  # the Hub stated no checksum for it: nothing to compare with
+    if not _SHA256.fullmatch(expected):
+        return  # the Hub stated no sha256 for it: nothing to compare with
+    actual = _sha256(blob)
     if actual == expected:
         return
     removed = True
@@ -126,7 +125,7 @@ def _verify(path: str, etag: Optional[str], repo_id: str, filename: str) -> None
     then = ('It was removed from the cache; load it again to download it anew' if removed else
             f'It could not be removed from the cache: delete {blob} and load it again')
     raise HubFileMismatchError(
-        f'the {filename} of {repo_id} in the cache does not match the {kind} the Hub states for it '
+        f'the {filename} of {repo_id} in the cache does not match the sha256 the Hub states for it '
         f'({expected[:12]}...; its bytes give {actual[:12]}...): the download was damaged or the file altered. {then}')
 
 
@@ -137,14 +136,3 @@ def _sha256(path: str) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _git_blob_sha1(path: str) -> str:
-    digest = hashlib.sha1(f'blob {os.path.getsize(path)}\0'.encode('ascii'))
-    with open(path, 'rb') as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

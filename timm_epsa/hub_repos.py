@@ -13,8 +13,11 @@ from typing import FrozenSet, Optional
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .escaping import first_line
+
 __all__ = [
-    'DEFAULT_NAMESPACE', 'DEFAULT_TAG', 'NAMESPACE_ENV', 'PUBLISHED', 'configured_namespace', 'hub_namespace',
+    'DEFAULT_NAMESPACE', 'DEFAULT_TAG', 'NAMESPACE_ENV', 'PUBLISHED', 'check_repo_id', 'configured_namespace',
+    'hub_namespace',
     'hub_repo_id', 'registered_repo_id',
 ]
 
@@ -39,17 +42,34 @@ def hub_namespace() -> str:
     Raises ``ValueError`` naming the variable for a value that cannot be a Hub name.
     """
     namespace = configured_namespace() or DEFAULT_NAMESPACE
-    try:
-        validate_repo_id(namespace)
-        valid = '/' not in namespace
-    except HFValidationError:
-        valid = False
-    if not valid:
+    if _hub_name_problem(namespace, slashes=0):
         raise ValueError(
             f"{NAMESPACE_ENV}={namespace!r} is not a Hugging Face user or organisation name (letters, digits, "
             f"'-', '_', '.'; no '/' or spaces): pretrained weights are looked up at '<namespace>/<model>.{DEFAULT_TAG}'"
         )
     return namespace
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it as ``<user or organisation>/<name>``, else a ``ValueError``
+    that says why: checked before converting, not by the Hub at ``push``."""
+    problem = _hub_name_problem(repo_id, slashes=1)
+    if problem:
+        raise ValueError(
+            f"--repo-id {repo_id!r} is not a repo id the Hub accepts ({problem}); give "
+            f"<user or organisation>/<name>, e.g. me/epsanet50.in1k")
+    return repo_id
+
+
+def _hub_name_problem(name: str, slashes: int) -> Optional[str]:
+    """Why the Hub would refuse ``name`` (a namespace with no ``/``, a repo id with one), or None."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        return first_line(e).rstrip('.')
+    if name.count('/') != slashes:
+        return 'it must be <user or organisation>/<name>' if slashes else "it must not contain '/'"
+    return None
 
 
 def hub_repo_id(model_name: str, tag: str = DEFAULT_TAG, namespace: Optional[str] = None) -> str:

@@ -6,6 +6,7 @@ from huggingface_hub import CommitInfo, HfApi, constants
 
 from . import __version__
 from .cards import card_repo_id
+from .escaping import first_line
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from .hub_download import TransportError, check_revision
 
@@ -49,7 +50,6 @@ def push_folder(
             commit_message=f'Upload {folder.name} with timm-epsa {__version__}',
         )
     except TransportError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConnectionError(
-            f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) to push to {repo_id}; check the network (or '
+            f'cannot reach the Hub at {constants.ENDPOINT} ({first_line(e)}) to push to {repo_id}; check the network (or '
             f'HF_ENDPOINT) and push again (an upload is one commit: one that fails changes nothing)') from e

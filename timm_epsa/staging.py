@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
+from .escaping import one_line
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -110,7 +112,7 @@ class _Destination:
             self.shown.encode('utf-8')
         except UnicodeEncodeError:
             raise DestinationError(
-                f'{_printable(self.shown)}: the path is not valid UTF-8, and torch and safetensors open files only by '
+                f'{one_line(self.shown)}: the path is not valid UTF-8, and torch and safetensors open files only by '
                 f'UTF-8 paths; choose another name') from None
         self.path = Path(os.path.realpath(path))
         name = self.path.name.encode('utf-8')
@@ -131,9 +133,10 @@ class _Destination:
         self.lock = self.path.with_name(f'.{stem}.timm-epsa.lock')
         self._leftover = re.compile(rf'\.{re.escape(stem)}\.[0-9a-f]{{8}}\.({"|".join(_LEFTOVER_KINDS)})')
 
-    def sibling(self, kind: str) -> Path:
-        """A new hidden path beside the destination, on its filesystem, so that renames are atomic."""
-        return self.path.with_name(f'.{self._stem}.{uuid.uuid4().hex[:8]}.{kind}')
+    def sibling(self, kind: str, token: str) -> Path:
+        """A hidden path beside the destination, on its filesystem, so that renames are atomic; one run
+        names all of its siblings with one ``token``, which tells the next run what belongs together."""
+        return self.path.with_name(f'.{self._stem}.{token}.{kind}')
 
     def leftovers(self) -> List[Path]:
         """Hidden siblings a run writing this destination made and did not remove, in handling order."""
@@ -157,7 +160,8 @@ def _writing(outs: Sequence[PathLike], force: bool, log: Optional[Log], folder: 
             _handle_leftovers(main, dests, log)
             for dest in dests:
                 _check_destination(dest, force, folder)
-            staging = main.sibling('partial')
+            token = uuid.uuid4().hex[:8]
+            staging = main.sibling('partial', token)
             staging.mkdir()
             committed = False
             try:
@@ -166,9 +170,9 @@ def _writing(outs: Sequence[PathLike], force: bool, log: Optional[Log], folder: 
                 with _signals_held() as received:
                     _pause_for_tests('commit')
                     if folder:
-                        _commit_folder(staging, main, force, log)
+                        _commit_folder(staging, main, force, token, log)
                     else:
-                        _commit_files(staging, [Path(out).name for out in outs], dests, force, log)
+                        _commit_files(staging, [Path(out).name for out in outs], dests, force, token)
                     committed = True
                     if received:
                         log(f'{main.shown} was written completely before the interrupt took effect')
@@ -227,8 +231,11 @@ def _locked(dest: _Destination) -> Iterator[None]:
     """Hold the destination's lock file: exclusively, for the block, removed afterwards."""
     while True:
         try:
-            fd = os.open(dest.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(dest.lock, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:  # never write through a link planted where the lock goes
+                raise DestinationError(
+                    f'{dest.lock} is a symbolic link, where timm-epsa keeps the lock of {dest.shown}; remove it') from e
             raise DestinationError(
                 f'cannot write in {dest.path.parent}, where {dest.shown} goes ({e.strerror or e}): choose a folder '
                 f'you can write to') from e
@@ -271,13 +278,27 @@ def _try_lock(fd: int) -> bool:
 
 
 def _handle_leftovers(main: _Destination, dests: Sequence[_Destination], log: Log) -> None:
-    """Clean up after runs that were killed (nothing else leaves these: it holds the lock now)."""
-    for leftover in main.leftovers():
+    """Clean up after runs that were killed (nothing else leaves these: it holds the lock now).
+
+    An ``.old`` is the destination's previous content, moved aside by a run replacing it with
+    ``force``. Where the destination is missing it is put back. Where the destination exists and
+    the same run's ``.partial`` is still there, that run was killed before the new content took the
+    place, so the destination is someone else's since: the ``.old`` is kept and reported, never
+    deleted. Without its ``.partial`` the replacement was done, and the ``.old`` is what it replaced.
+    """
+    leftovers = main.leftovers()
+    unfinished = {_token(p) for p in leftovers if p.suffix == '.partial'}
+    for leftover in leftovers:
         kind = leftover.suffix[1:]
         if kind == 'old' and not os.path.lexists(main.path):
             os.rename(leftover, main.path)
             log(f'{main.shown} was missing: put back the previous {main.shown} from {leftover.name}, where a '
                 f'timm-epsa run that was killed had moved it aside')
+            continue
+        if kind == 'old' and _token(leftover) in unfinished:
+            log(f'warning: {leftover} holds the previous {main.shown}, moved aside by a timm-epsa run that was '
+                f'killed before replacing it; {main.shown} exists again, so it is kept there: move it back or '
+                f'delete it yourself')
             continue
         if kind == 'commit':
             names = sorted(p.name for p in leftover.iterdir())
@@ -287,40 +308,36 @@ def _handle_leftovers(main: _Destination, dests: Sequence[_Destination], log: Lo
                 f"to (from {leftover.name})")
         if _remove(leftover, log=log) and kind != 'commit':
             what = (f'what {main.shown} held before a timm-epsa run that was killed replaced it' if kind == 'old'
-                    else 'the unfinished output of a timm-epsa run that was killed')
+                    else 'the unfinished output (or the replaced content) of a timm-epsa run that was killed')
             log(f'removed {leftover.name} beside {main.shown}: {what}')
 
 
-def _commit_folder(staging: Path, dest: _Destination, force: bool, log: Log) -> None:
-    """Put the folder ``staging`` in ``dest``'s place and delete what was there."""
+def _token(leftover: Path) -> str:
+    """The token of the run that made a hidden sibling (see :meth:`_Destination.sibling`)."""
+    return leftover.name.rsplit('.', 2)[-2]
+
+
+def _commit_folder(staging: Path, dest: _Destination, force: bool, token: str, log: Log) -> None:
+    """Put the folder ``staging`` in ``dest``'s place and delete what was there (``force`` only)."""
     _check_destination(dest, force, folder=True, while_writing=True)
     if not os.path.lexists(dest.path):
         _rename_no_replace(staging, dest, folder=True)
         return
+    if not force:  # rename replaces an empty folder only, atomically; a filled one stays as it is
+        _rename_no_replace(staging, dest, folder=True, replace_empty=True)
+        return
     try:
         _renameat2(staging, dest.path, _RENAME_EXCHANGE)
     except _Unsupported:
-        _move_aside_and_in(staging, dest, force, log)
+        _move_aside_and_in(staging, dest, token, log)
         return
-    # ``staging`` now holds what was in ``dest``.
-    if not force:
-        try:
-            staging.rmdir()
-            return
-        except OSError:  # a file appeared in it just before the exchange: give it back
-            _renameat2(staging, dest.path, _RENAME_EXCHANGE)
-            _check_destination(dest, force, folder=True, while_writing=True)
-            raise
-    _remove_previous(staging, dest, log)
+    _remove_previous(staging, dest, log)  # ``staging`` now holds what was in ``dest``
 
 
-def _move_aside_and_in(staging: Path, dest: _Destination, force: bool, log: Log) -> None:
+def _move_aside_and_in(staging: Path, dest: _Destination, token: str, log: Log) -> None:
     """Where folders cannot be exchanged: rename the old one aside, the new one in. Should the run die
-    in between, the next one finds the old one aside and puts it back."""
-    if not force:  # rename replaces an empty folder only, atomically
-        _rename_no_replace(staging, dest, folder=True, replace_empty=True)
-        return
-    old = dest.sibling('old')
+    in between, the next one finds the old one aside beside this run's staging folder and puts it back."""
+    old = dest.sibling('old', token)
     os.rename(dest.path, old)
     _pause_for_tests('moved-aside')
     try:
@@ -331,7 +348,7 @@ def _move_aside_and_in(staging: Path, dest: _Destination, force: bool, log: Log)
     _remove_previous(old, dest, log)
 
 
-def _commit_files(staging: Path, names: Sequence[str], dests: Sequence[_Destination], force: bool, log: Log) -> None:
+def _commit_files(staging: Path, names: Sequence[str], dests: Sequence[_Destination], force: bool, token: str) -> None:
     """Move each file of ``staging`` (written under ``names``) to its destination. ``staging`` is
     renamed to ``.commit`` first, which tells the next run to finish the moves should this run be
     killed between them."""
@@ -344,7 +361,7 @@ def _commit_files(staging: Path, names: Sequence[str], dests: Sequence[_Destinat
         _check_destination(dest, force, folder=False, while_writing=True)
         if name != dest.path.name:  # a symlink is written where it points
             os.rename(staging / name, staging / dest.path.name)
-    committing = dests[0].sibling('commit')
+    committing = dests[0].sibling('commit', token)
     os.rename(staging, committing)
     try:
         for dest in dests:
@@ -466,7 +483,3 @@ def _pause_for_tests(step: str) -> None:
 
 def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _printable(text: str) -> str:
-    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
