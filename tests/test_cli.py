@@ -191,7 +191,8 @@ def test_convert_killed_midway_leaves_no_partial_folder(converted, tmp_path, chi
     log = []
     with staged_folder(out, force=True, log=log.append) as staging:
         (staging / 'new.txt').write_text('new')
-    assert log == [f'removed {partial.name} beside {out}: the unfinished output of a timm-epsa run that was killed']
+    assert log == [f'removed {partial.name} beside {out}: '
+                   'the unfinished output (or the replaced content) of a timm-epsa run that was killed']
     assert [p.name for p in tmp_path.iterdir()] == ['out'] and [p.name for p in out.iterdir()] == ['new.txt']
 
 
