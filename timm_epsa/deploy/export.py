@@ -82,16 +82,17 @@ def export_model(
 
 
 def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
+    """(channels, height, width) of the images ``model`` takes: the channels its first convolution
+    reads (timm leaves the pretrained cfg at 3 when a model is built with other ``in_chans``), the
+    size given or that of the pretrained cfg."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    in_chans, height, width = cfg.get('input_size', (None, 224, 224))
-    if in_chans is None or getattr(model, 'conv1', None) is not None:
-        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        in_chans = first_conv.in_channels if first_conv is not None else in_chans
+    _, height, width = cfg.get('input_size', (3, 224, 224))
     if img_size is not None:
         if img_size < 1:
             raise ValueError(f'img_size={img_size} must be at least 1')
         height = width = img_size
-    return in_chans, height, width
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return (first_conv.in_channels if first_conv is not None else 3), height, width
 
 
 def _export_onnx(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:

@@ -1,6 +1,6 @@
 """Which exact form each PSA branch takes for each runtime: rules from measurements on EPSANet's shapes.
 
-The figures behind each rule are in ``benchmarks/bench_runtimes.py``'s notes (README, "Deployment").
+``benchmarks/bench_runtimes.py`` measures the result against ResNet (``--profile``: op by op).
 
 * ONNX Runtime (CPU execution provider, MLAS): its fast convolution kernels work on channel
   blocks (NCHWc, 16 channels with AVX-512, 8 with AVX2) and take a grouped convolution only when

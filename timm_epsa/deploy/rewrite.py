@@ -8,7 +8,7 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from ..models.epsanet import EPSABottleneck
 from .forms import branch_form
-from .psa_graph import PSAGraph
+from .psa_graph import BranchForm, PSAGraph
 
 __all__ = ['rewrite_for_runtime']
 
@@ -24,7 +24,7 @@ def rewrite_for_runtime(model: nn.Module, runtime: str) -> nn.Module:
     return rewrite_psa(model, lambda conv: branch_form(runtime, conv))
 
 
-def rewrite_psa(model: nn.Module, form_of: Callable[[nn.Conv2d], object]) -> nn.Module:
+def rewrite_psa(model: nn.Module, form_of: Callable[[nn.Conv2d], BranchForm]) -> nn.Module:
     """:func:`rewrite_for_runtime` with the form of each branch given by ``form_of(conv)``."""
     model = copy.deepcopy(model).eval()
     if isinstance(model, PyramidSqueezeAttention):
@@ -39,12 +39,12 @@ def rewrite_psa(model: nn.Module, form_of: Callable[[nn.Conv2d], object]) -> nn.
     return model
 
 
-def _graph(psa: PyramidSqueezeAttention, form_of, **kwargs) -> PSAGraph:
+def _graph(psa: PyramidSqueezeAttention, form_of: Callable[[nn.Conv2d], BranchForm], **kwargs) -> PSAGraph:
     forms = [form_of(conv) for name, conv in psa.named_children() if name.startswith('conv_')]
     return PSAGraph(psa, forms, **kwargs)
 
 
-def _rewrite_block(block: EPSABottleneck, form_of) -> None:
+def _rewrite_block(block: EPSABottleneck, form_of: Callable[[nn.Conv2d], BranchForm]) -> None:
     # conv3 can read PSA's outputs in any order when nothing channel-mixing or channel-specific
     # sits between them except bn2 (permuted or folded along); an anti-aliasing layer might be.
     reorder = isinstance(block.aa, nn.Identity) and isinstance(block.bn2, nn.BatchNorm2d)
