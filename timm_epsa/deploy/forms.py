@@ -48,8 +48,8 @@ def branch_form(runtime: str, conv: nn.Conv2d) -> BranchForm:
         kernel = conv.kernel_size[0] * conv.kernel_size[1]
         branch_macs = kernel * in_per_group * conv.out_channels  # per output pixel
         block_diagonal = branch_macs * (groups // new_groups) / OPENVINO_GMACS['dense']
-        depthwise = (branch_macs / OPENVINO_GMACS['depthwise']
-                     + conv.in_channels * out_per_group * conv.out_channels / OPENVINO_GMACS['1x1'])
+        sums_macs = conv.in_channels * conv.out_channels  # one 1x1 conv per output-within-group
+        depthwise = branch_macs / OPENVINO_GMACS['depthwise'] + sums_macs / OPENVINO_GMACS['1x1']
         if depthwise < block_diagonal:
             return BranchForm(depthwise=True, sums_as_conv=True)
         return BranchForm(groups=new_groups)

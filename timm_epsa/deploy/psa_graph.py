@@ -6,9 +6,9 @@ by float summation order only:
 * a branch's grouped convolution as a convolution with fewer groups and a block-diagonal weight
   (more MACs, for runtimes whose kernels for few outputs per group are slower than the waste),
 * or as one depthwise convolution per output-within-group plus sums over each group's channels
-  (the same MACs): the sums reduce a reshaped tensor, whose results come out ordered
-  output-within-group first, or are a 1x1 convolution with a 0/1 weight over all the depthwise
-  outputs (more MACs, but no change of memory layout in runtimes that block channels),
+  (the same MACs); the sums reduce a reshaped tensor or are 1x1 convolutions with 0/1 weights
+  (more MACs, but no change of memory layout in runtimes that block channels), and their results
+  come out ordered output-within-group first,
 * output channels left in the order a form produces them when the layer's consumer can absorb the
   order (:mod:`timm_epsa.deploy.rewrite` permutes the block's BatchNorm and ``conv3`` instead),
 * the BatchNorm that follows the layer folded in: its scale multiplies the attention weights, a
@@ -67,7 +67,7 @@ class BranchGraph(nn.Module):
         self.in_chs = self.in_per_group * self.groups
         self.out_per_group = out_chs // self.groups
         self.depthwise, self.sums_as_conv = form.depthwise, form.depthwise and form.sums_as_conv
-        self.keep_order = keep_order or not self.depthwise or self.sums_as_conv or self.out_per_group == 1
+        self.keep_order = keep_order or not self.depthwise or self.out_per_group == 1
         if self.depthwise:
             # weight[g*M + m, i] for output m of group g: one depthwise kernel per (m, input channel)
             per_output = weight.view(self.groups, self.out_per_group, self.in_per_group, *weight.shape[2:])
@@ -85,13 +85,16 @@ class BranchGraph(nn.Module):
             self.out_order = [g * self.out_per_group + m for m in range(self.out_per_group) for g in range(self.groups)]
 
     def _sum_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """1x1 weight from the depthwise outputs, [m][input channel], to the branch outputs [g][m]."""
-        sums = weight.new_zeros(self.groups * self.out_per_group, self.out_per_group * self.in_chs, 1, 1)
-        for g in range(self.groups):
-            for m in range(self.out_per_group):
-                start = m * self.in_chs + g * self.in_per_group
-                sums[g * self.out_per_group + m, start:start + self.in_per_group] = 1
-        return sums
+        """1x1 weight summing each group's depthwise outputs. Where the order may change, one such
+        convolution per output-within-group takes its depthwise output to the groups' outputs (MACs:
+        inputs x branch outputs); otherwise one takes all depthwise outputs, [m][input channel], to
+        the branch outputs in order, [g][m] (MACs: that times the outputs per group)."""
+        per_m = torch.eye(self.groups, dtype=weight.dtype).repeat_interleave(self.in_per_group, 1)
+        if not self.keep_order or self.out_per_group == 1:
+            return per_m[:, :, None, None].clone()
+        rows_m_major = torch.block_diag(*[per_m] * self.out_per_group)
+        in_order = rows_m_major.view(self.out_per_group, self.groups, -1).transpose(0, 1).reshape(-1, rows_m_major.shape[1])
+        return in_order[:, :, None, None].clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.depthwise:
@@ -100,9 +103,12 @@ class BranchGraph(nn.Module):
         for m in range(self.out_per_group):
             outputs.append(F.conv2d(
                 x, getattr(self, f'weight_{m}'), None, self.stride, self.padding, self.dilation, self.in_chs))
+        if self.sums_as_conv and self.keep_order and len(outputs) > 1:
+            return F.conv2d(torch.cat(outputs, 1), self.sum_weight)
         if self.sums_as_conv:
-            return F.conv2d(torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0], self.sum_weight)
-        outputs = [y.unflatten(1, (self.groups, self.in_per_group)).sum(2) for y in outputs]
+            outputs = [F.conv2d(y, self.sum_weight) for y in outputs]
+        else:
+            outputs = [y.unflatten(1, (self.groups, self.in_per_group)).sum(2) for y in outputs]
         if len(outputs) == 1:
             return outputs[0]
         if self.keep_order:  # interleave: channel g*M + m from output m
