@@ -1,19 +1,24 @@
 """Which exact form each PSA branch takes for each runtime: rules from measurements on EPSANet's shapes.
 
-``benchmarks/bench_runtimes.py`` measures the result against ResNet (``--profile``: op by op).
+``benchmarks/bench_runtimes.py`` measures the result against ResNet (``--profile``: op by op). The
+figures below are epsanet50 against resnet50 in the same runtime, one thread, fp32, 224 px.
 
 * ONNX Runtime (CPU execution provider, MLAS): its fast convolution kernels work on channel
   blocks (NCHWc, 16 channels with AVX-512, 8 with AVX2) and take a grouped convolution only when
   both its inputs and its outputs per group are multiples of the block; any other grouped
   convolution runs as an im2col + GEMM per group, 3-12x slower than depthwise convolutions of the
   same MACs, which MLAS does block. So a branch stays a grouped convolution only when its groups
-  have multiples of 16 inputs and outputs; otherwise it becomes depthwise convolutions plus sums.
+  have multiples of 16 inputs and outputs; otherwise it becomes depthwise convolutions whose group
+  sums reduce a reshaped tensor (0.58x as exported by torch, 0.92x so). Sums as 1x1 convolutions
+  (0.91x) and block-diagonal weights of 16 outputs per group for the 8-output groups (0.86-0.89x)
+  measured slower.
 * OpenVINO (CPU plugin, oneDNN): grouped convolutions with fewer than 16 outputs per group run
   2-8x below the speed of those with 16. Such a branch becomes either a block-diagonal weight with
   16 outputs per group (2-16x the MACs at full speed) or depthwise convolutions (the same MACs at
-  half speed) plus group sums as a 1x1 convolution (reducing a reshaped tensor would need a change
-  of layout from oneDNN's channel blocks and back), whichever the measured throughputs make cheaper:
-  the depthwise form for few outputs per group and large kernels.
+  half speed) plus group sums as one 1x1 convolution per output-within-group (reducing a reshaped
+  tensor would need a change of layout from oneDNN's channel blocks and back: 0.82x), whichever
+  the measured throughputs make cheaper: the depthwise form for few outputs per group and large
+  kernels (0.97x at batch 1, 0.95x at batch 8; as exported by torch 0.80x).
 """
 from torch import nn
 
