@@ -24,14 +24,18 @@ __all__ = ['grouped_conv2d', 'grouped_conv_as_depthwise', 'conv2d_with_fast_weig
            'prefers_depthwise']
 
 
-def prefers_depthwise(out_per_group: int, groups: int) -> bool:
+def prefers_depthwise(out_per_group: int, groups: int, compiled: bool = False) -> bool:
     """Whether a grouped convolution runs faster on the CPU as depthwise convs plus group sums.
 
     Measured on EPSANet's branch shapes (kernels 3-9, batch 1 and 8, both memory formats): with at
     most two outputs per group oneDNN's grouped kernels are 2-10x slower than the decomposition,
-    with four they break even, with more they win.
+    with four they break even, with more they win. Under ``torch.compile`` (inductor) the group
+    sums fuse into the ops around them, which moves the break-even to four outputs per group:
+    compiled epsanet50 (one thread, against compiled resnet50) went from 0.97x to 1.07x at batch 1
+    and from 0.89x to 0.96x at batch 8 with the decomposition up to four, and lost again with it up
+    to eight (0.96x, 0.93x).
     """
-    return groups > 1 and out_per_group <= 2
+    return groups > 1 and out_per_group <= (4 if compiled else 2)
 
 
 def grouped_conv2d(

@@ -95,15 +95,21 @@ class PSABranchConv(nn.Conv2d):
     """One PSA branch: a grouped convolution computed by the faster of two equivalent algorithms.
 
     Same parameters and state-dict entries as ``nn.Conv2d``; only the computation differs (see
-    :mod:`timm_epsa.layers.grouped_conv`).
+    :mod:`timm_epsa.layers.grouped_conv`), and under ``torch.compile`` the choice follows inductor's
+    measurements rather than eager oneDNN's.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.as_depthwise = prefers_depthwise(self.out_channels // self.groups, self.groups)
+        out_per_group = self.out_channels // self.groups
+        self.as_depthwise = prefers_depthwise(out_per_group, self.groups)
+        self.as_depthwise_compiled = prefers_depthwise(out_per_group, self.groups, compiled=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grouped_conv2d(x, self.weight, self.groups, self.stride, self.padding, self.dilation, self.as_depthwise)
+        as_depthwise = self.as_depthwise
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+            as_depthwise = self.as_depthwise_compiled
+        return grouped_conv2d(x, self.weight, self.groups, self.stride, self.padding, self.dilation, as_depthwise)
 
 
 def _check_psa_args(

@@ -1,0 +1,217 @@
+"""Deployment: every exact rewrite against the unmodified eager model in float64, the forms chosen per
+runtime, export round trips through ONNX Runtime and OpenVINO, and the errors a user can meet."""
+import copy
+import importlib
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from numerics import assert_relative_close
+from timm_epsa.deploy import (
+    DEPLOY_EXTRA, RUNTIMES, BranchForm, ExportCheckError, ExportError, MissingRuntimeError, PSAGraph, branch_form,
+    export_model, load_runner, require_runtime, rewrite_for_runtime)
+from timm_epsa.deploy import export as export_module
+from timm_epsa.layers import PyramidSqueezeAttention
+
+EXACT = 1e-12  # float64: only summation order differs
+
+
+def randomise_norms(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine terms away from their initial 0/1, so a fold has something to fold."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) * 3 - 1.5)
+            module.bias.data.copy_(torch.rand(n, generator=generator) * 2 - 1)
+    return model
+
+
+def tiny(variant: str = 'epsanet50', **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_norms(timm.create_model(variant, layers=(1, 1, 1, 1), **kwargs))
+
+
+def psa_forms(psa: PyramidSqueezeAttention):
+    """Every form each branch of ``psa`` can take, applied to all branches at once."""
+    convs = [conv for name, conv in psa.named_children() if name.startswith('conv_')]
+    yield 'own groups', [BranchForm() for _ in convs]
+    yield 'dense', [BranchForm(groups=1) for _ in convs]
+    yield 'half the groups', [BranchForm(groups=max(1, conv.groups // 2)) for conv in convs]
+    yield 'depthwise, sums reduced', [BranchForm(depthwise=True) for _ in convs]
+    yield 'depthwise, sums as conv', [BranchForm(depthwise=True, sums_as_conv=True) for _ in convs]
+
+
+@pytest.mark.parametrize('keep_order', [True, False])
+@pytest.mark.parametrize('fold', [True, False])
+def test_every_form_of_psa_is_exact(keep_order, fold):
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, 64, stride=2, kernel_sizes=(3, 5, 7, 9), groups=(1, 2, 4, 8)).double().eval()
+    norm = randomise_norms(nn.BatchNorm2d(64).double()).eval()
+    x = torch.randn(2, 32, 15, 15, dtype=torch.float64)
+    with torch.no_grad():
+        expected = norm(psa(x)) if fold else psa(x)
+        for label, forms in psa_forms(psa):
+            graph = PSAGraph(psa, forms, norm=norm if fold else None, keep_order=keep_order)
+            actual = graph(x)
+            assert_relative_close(actual, expected[:, graph.out_order], rel=EXACT, msg=label)
+            if keep_order:
+                assert graph.out_order == list(range(64)), label
+
+
+@pytest.mark.parametrize('runtime', RUNTIMES)
+@pytest.mark.parametrize('variant', ['epsanet50', 'epsanet50_large'])
+def test_rewrite_computes_the_eager_model_and_leaves_it_untouched(runtime, variant):
+    model = tiny(variant, num_classes=7, in_chans=2).double()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 2, 48, 48, dtype=torch.float64)
+    graph = rewrite_for_runtime(model, runtime)
+    assert model.training and not graph.training
+    assert not any(isinstance(m, PyramidSqueezeAttention) for m in graph.modules())
+    with torch.no_grad():
+        assert_relative_close(graph(x), model.eval()(x), rel=EXACT)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_bn_after_psa_is_folded_and_branch_orders_reach_conv3():
+    model = tiny().eval()
+    graph = rewrite_for_runtime(model, 'onnxruntime')
+    block = graph.layer1[0]
+    assert isinstance(block.bn2, nn.Identity) and block.conv2.folded
+    assert block.conv2.reordered  # stage 1's depthwise branches leave their own order to conv3
+    assert not torch.equal(block.conv3.weight, model.layer1[0].conv3.weight)
+
+
+def test_zero_bn_scale_folds_exactly():
+    """A BN weight of zero (a pruned channel) must not break the fold, as a fold into the SE would."""
+    model = tiny().double().eval()
+    model.layer2[0].bn2.weight.data[::3] = 0
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_relative_close(rewrite_for_runtime(model, 'openvino')(x), model(x), rel=EXACT)
+
+
+def test_psa_outside_an_epsa_block_keeps_its_output_order():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3), PyramidSqueezeAttention(64, 64), nn.Conv2d(64, 8, 1)).double().eval()
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    for runtime in RUNTIMES:
+        graph = rewrite_for_runtime(net, runtime)
+        assert isinstance(graph[1], PSAGraph) and not graph[1].reordered
+        with torch.no_grad():
+            assert_relative_close(graph(x), net(x), rel=EXACT)
+    layer = net[1]
+    assert isinstance(rewrite_for_runtime(layer, 'openvino'), PSAGraph)
+
+
+def test_block_with_another_norm_keeps_order_and_norm():
+    model = tiny(norm_layer=lambda c, **kw: nn.GroupNorm(1, c, **kw)).double().eval()
+    graph = rewrite_for_runtime(model, 'onnxruntime')
+    assert isinstance(graph.layer1[0].bn2, nn.GroupNorm) and not graph.layer1[0].conv2.reordered
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_relative_close(graph(x), model(x), rel=EXACT)
+
+
+def branch_forms(runtime: str, variant: str):
+    model = timm.create_model(variant, device='meta')
+    return {
+        (stage, conv.kernel_size[0]): branch_form(runtime, conv)
+        for stage in range(1, 5)
+        for name, conv in getattr(model, f'layer{stage}')[1].conv2.named_children() if name.startswith('conv_')
+    }
+
+
+def test_onnxruntime_keeps_grouped_convs_only_in_whole_channel_blocks():
+    forms = branch_forms('onnxruntime', 'epsanet50')
+    native = {key for key, form in forms.items() if not form.depthwise}
+    # 16 inputs and outputs per group or more: stage 3 5x5 (64/16), stage 4 5x5 and 7x7; the dense 3x3s
+    assert native == {(s, 3) for s in range(1, 5)} | {(3, 5), (4, 5), (4, 7)}
+    assert all(form.groups is None and not form.sums_as_conv for form in forms.values())
+
+
+def test_openvino_forms_follow_the_measured_throughputs():
+    forms = branch_forms('openvino', 'epsanet50')
+    assert {key for key, form in forms.items() if form.depthwise} == {(1, 5), (1, 7), (1, 9), (2, 7), (2, 9), (3, 9)}
+    assert all(form.sums_as_conv for form in forms.values() if form.depthwise)
+    # 8 outputs per group: block-diagonal weights with 16
+    assert forms[2, 5].groups == 2 and forms[3, 7].groups == 4 and forms[4, 9].groups == 8
+    assert forms[3, 5] == forms[4, 7] == BranchForm()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('runtime, name', [('onnxruntime', 'model.onnx'), ('openvino', 'model.xml')])
+def test_export_round_trip_with_dynamic_batch(runtime, name, tmp_path):
+    pytest.importorskip(runtime)
+    model = tiny(num_classes=10)
+    report = export_model(model, tmp_path / name, runtime, img_size=64)
+    assert report.batch_size is None and report.max_error <= 1e-4
+    assert export_module.TRACE_BATCH not in report.checked_batch_sizes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in report.files)
+    run = load_runner(runtime, tmp_path / name)
+    x = torch.randn(5, 3, 64, 64)  # yet another batch size
+    with torch.no_grad():
+        assert_relative_close(torch.from_numpy(run(x.numpy())), model.eval()(x), rel=1e-4)
+    if runtime == 'openvino':
+        assert 'f16' not in (tmp_path / name).read_text()  # weights and compute kept in fp32
+
+
+@pytest.mark.slow
+def test_export_with_fixed_batch(tmp_path):
+    pytest.importorskip('onnx')
+    import onnx
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()
+    report = export_model(net, tmp_path / 'psa.onnx', 'onnxruntime', batch_size=4, img_size=16)
+    assert report.checked_batch_sizes == (4,)
+    dims = onnx.load(str(tmp_path / 'psa.onnx')).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [4, 3, 16, 16]
+
+
+@pytest.mark.slow
+def test_failed_check_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip('onnxruntime')
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()
+
+    def broken_rewrite(model, runtime):
+        graph = rewrite_for_runtime(model, runtime)
+        graph[1].branches[-1].weight.data.mul_(1.01)  # the 3x3 branch off by 1%: the check must catch it
+        return graph
+
+    monkeypatch.setattr(export_module, 'rewrite_for_runtime', broken_rewrite)
+    with pytest.raises(ExportCheckError) as error:
+        export_model(net, tmp_path / 'psa.onnx', 'onnxruntime', img_size=16)
+    assert '\n' not in str(error.value) and 'differs from eager PyTorch' in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('runtime', RUNTIMES)
+def test_missing_runtime_names_the_extra(runtime, tmp_path, monkeypatch):
+    real_import = importlib.import_module
+
+    def without_runtime(name, *args):
+        if name == runtime:
+            raise ImportError(f'No module named {name!r}')
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, 'import_module', without_runtime)
+    with pytest.raises(MissingRuntimeError) as error:
+        export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.xml', runtime)
+    message = str(error.value)
+    assert DEPLOY_EXTRA in message and runtime in message and '\n' not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match='unknown runtime'):
+        require_runtime('tensorrt')
+    pytest.importorskip('openvino')
+    with pytest.raises(ExportError, match=r'\.xml'):
+        export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.onnx', 'openvino')
+    with pytest.raises(ValueError, match='batch_size'):
+        export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.onnx', 'onnxruntime', batch_size=0)
+    assert list(tmp_path.iterdir()) == []
