@@ -62,7 +62,12 @@ def eager_steps(models: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, Step
 
 
 def compile_steps(models: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, Step]:
-    return {name: _infer(torch.compile(model), x) for name, model in models.items()}
+    """Each model compiled for this input shape. The timm ResNets share one ``forward``, and dynamo
+    keeps at most ``recompile_limit`` (8) graphs per function before running it eagerly: the cache is
+    emptied for each batch size and the limit raised to the number of models."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(models))
+    return {name: _infer(torch.compile(model, dynamic=False), x) for name, model in models.items()}
 
 
 def _infer(model: nn.Module, x: torch.Tensor) -> Step:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from timm_epsa import staging
-from timm_epsa.staging import DestinationError, staged_file, staged_files, staged_folder
+from timm_epsa.staging import DestinationError, staged_file, staged_folder
 
 
 class Log(list):
@@ -244,35 +244,21 @@ def test_missing_parents_are_made_and_removed_again_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_files_replace_whole_and_undeclared_files_are_refused(tmp_path, log):
+def test_a_file_replaces_whole_and_only_with_force(tmp_path, log):
     onnx = tmp_path / 'model.onnx'
     with staged_file(onnx, log=log) as path:
+        assert path.parent != tmp_path and path.name == 'model.onnx'
         path.write_text('v1')
     with pytest.raises(DestinationError, match='model.onnx exists; pass --force'):
-        with staged_file(onnx, log=log):
-            pass
+        with staged_file(onnx, log=log) as path:
+            path.write_text('v2')
+    assert onnx.read_text() == 'v1'
     with staged_file(onnx, force=True, log=log) as path:
         path.write_text('v2')
-    pair = [tmp_path / 'model.xml', tmp_path / 'model.bin']
-    with pytest.raises(DestinationError, match=r'the files written \(model.bin, model.data, model.xml\) are not'):
-        with staged_files(pair, log=log) as folder:
-            write(folder, **{'model.xml': 'x', 'model.bin': 'b', 'model.data': 'undeclared'})
-    with staged_files(pair, log=log) as folder:
-        write(folder, **{'model.xml': 'x', 'model.bin': 'b'})
-    assert contents(tmp_path) == {'model.onnx': 'v2', 'model.xml': 'x', 'model.bin': 'b'} and log == []
-
-
-def test_a_pair_half_moved_by_a_killed_run_is_finished_by_the_next(tmp_path, log, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write(tmp_path, **{'model.xml': 'old', 'model.bin': 'old'})
-    write(tmp_path / '.model.xml.0123abcd.commit', **{'model.bin': 'new'})  # model.xml had already moved
-    (tmp_path / 'model.xml').write_text('new')
-    with staged_files(['model.xml', 'model.bin'], force=True, log=log) as folder:
-        assert contents(tmp_path) == {'model.xml': 'new', 'model.bin': 'new'}
-        write(folder, **{'model.xml': 'newer', 'model.bin': 'newer'})
-    assert contents(tmp_path) == {'model.xml': 'newer', 'model.bin': 'newer'}
-    assert log == ['moved model.bin into place beside model.xml: a timm-epsa run that was killed had begun to '
-                   '(from .model.xml.0123abcd.commit)']
+    with pytest.raises(DestinationError, match='nothing was written for'):
+        with staged_file(onnx, force=True, log=log):
+            pass
+    assert contents(tmp_path) == {'model.onnx': 'v2'} and log == []
 
 
 def test_without_a_log_what_was_done_is_a_warning(tmp_path):

@@ -1,12 +1,12 @@
-"""The ``timm-epsa`` command: convert checkpoints, publish them on the Hub, describe the variants,
-and the quickstart that trains one.
+"""The ``timm-epsa`` command: convert checkpoints, export them for inference runtimes, publish them
+on the Hub, describe the variants, and the quickstart that trains one.
 
 Each subcommand is an ``_add_<name>`` function that declares its arguments and the function that
 runs it; listing one in ``COMMANDS`` adds it to the command. This module only parses arguments and
-prints: the work is done in :mod:`timm_epsa.convert`, :mod:`timm_epsa.hub`, :mod:`timm_epsa.cards`,
-:mod:`timm_epsa.measure` and :mod:`timm_epsa.quickstart`. Errors a user can act on print as one line
-(whatever a checkpoint or a path put in them) and exit with status 1; Ctrl-C and SIGTERM stop a
-command alike, with one line and status 130.
+prints: the work is done in :mod:`timm_epsa.convert`, :mod:`timm_epsa.export`, :mod:`timm_epsa.hub`,
+:mod:`timm_epsa.cards`, :mod:`timm_epsa.measure` and :mod:`timm_epsa.quickstart`. Errors a user can
+act on print as one line (whatever a checkpoint or a path put in them) and exit with status 1;
+Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
 """
 import argparse
 import signal
@@ -21,6 +21,9 @@ from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 from .cards import render_model_card
 from .checkpoint import CheckpointError
 from .convert import convert_checkpoint
+from .deploy import RUNTIMES, ExportError
+from .deploy.forms import OPENVINO
+from .export import OPENVINO_FILES, export
 from .escaping import one_line
 from .hub import PretrainedWeightsError, cached_weights
 from .hub_folder import HubFolderError
@@ -34,7 +37,8 @@ __all__ = ['COMMANDS', 'main']
 
 # What a user can fix: shown as one line, not a traceback.
 USER_ERRORS = (
-    CheckpointError, HubFolderError, PretrainedWeightsError, QuickstartError, HfHubHTTPError, OSError, ValueError,
+    CheckpointError, ExportError, HubFolderError, PretrainedWeightsError, QuickstartError, HfHubHTTPError, OSError,
+    ValueError,
 )
 
 
@@ -240,8 +244,51 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
 
 
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'export',
+        help='export a model for ONNX Runtime or OpenVINO, checked against PyTorch',
+        description='Write SOURCE for a CPU inference runtime, in the graph form measured fastest there (the same '
+                    'function: PSA\'s branches regrouped, BatchNorm folded; see docs/deploy.md): an ONNX file at OUT '
+                    'for onnxruntime, a folder OUT holding model.xml and model.bin (OpenVINO IR, fp32) for openvino. '
+                    'The runtime runs the result on a real-sized input and must match eager PyTorch within 1e-4 '
+                    '(relative) before OUT appears. Needs the deploy extra: pip install "timm-epsa[deploy]".',
+    )
+    parser.add_argument('source', metavar='SOURCE',
+                        help='a model name (random weights, e.g. epsanet50), a folder written by convert or quickstart, '
+                             'or a checkpoint file')
+    parser.add_argument('out', metavar='OUT', help='the ONNX file (onnxruntime) or the IR folder (openvino) to write')
+    parser.add_argument('--runtime', required=True, choices=RUNTIMES, help='the runtime to export for')
+    parser.add_argument('--batch-size', type=_at_least(1, 4096), metavar='N',
+                        help='fix the batch size (default: dynamic, any batch size)')
+    parser.add_argument('--img-size', type=_at_least(32, 4096), metavar='PX',
+                        help="side of the square input images (default: the model's, 224 for ImageNet weights)")
+    parser.add_argument('--model', type=_model_name, metavar='NAME',
+                        help='for a checkpoint SOURCE: the architecture (default: the one a timm train.py checkpoint '
+                             'records)')
+    parser.add_argument('--ema', action='store_true', help="for a checkpoint SOURCE: its EMA weights")
+    parser.add_argument('--force', action='store_true', help='replace an existing OUT, once the new one is checked')
+    parser.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace) -> None:
+    result = export(
+        args.source, args.out, args.runtime,
+        batch_size=args.batch_size, img_size=args.img_size, model_name=args.model, ema=args.ema, force=args.force,
+        log=_log,
+    )
+    report = result.report
+    files = ' and '.join(f'{result.path}/{name}' for name in OPENVINO_FILES) if report.runtime == OPENVINO \
+        else str(result.path)
+    batch = f'batch {report.batch_size}' if report.batch_size else 'dynamic batch'
+    checked = ' and '.join(map(str, report.checked_batch_sizes))
+    print(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
+          f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
+          f"eager PyTorch {report.max_error:.1e} (relative)")
+
+
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
-    _add_quickstart, _add_convert, _add_push, _add_info, _add_card,
+    _add_quickstart, _add_convert, _add_export, _add_push, _add_info, _add_card,
 ]
 
 

@@ -11,7 +11,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import timm
 from torch import nn
@@ -25,7 +25,7 @@ from .measure import ModelFacts
 from .models.epsanet import MODEL_NAMES
 from .staging import staged_folder
 
-__all__ = ['ConvertedFolder', 'convert_checkpoint']
+__all__ = ['ConvertedFolder', 'convert_checkpoint', 'model_from_checkpoint']
 
 # train.py arguments worth recording on a model card: the ones that shape the weights.
 _TRAIN_ARGS = (
@@ -78,20 +78,9 @@ def convert_checkpoint(
     progress = log or (lambda message: None)
 
     with staged_folder(out_dir, force=force, log=log) as staging:
-        progress(f'reading {src}')
-        checkpoint = read_checkpoint(src, ema=ema)
-        if checkpoint.has_ema and not ema:
-            progress('the checkpoint also holds EMA weights; converting the plain ones (pass --ema for the EMA ones)')
-        if ignore_train_args:
-            checkpoint.args = None
-        for note in checkpoint.ignored:
-            progress(f'left off the model card: {note}')
-        model = _model_for(checkpoint, model_name, src)
-        trained_as = f' (trained as {checkpoint.arch})' if checkpoint.arch not in (None, model_name) else ''
-        check_fits(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name)
-        check_values(checkpoint.state_dict, model, what=str(src), allow_nonfinite=allow_nonfinite)
-        model.load_state_dict(checkpoint.state_dict)
-
+        model, checkpoint = model_from_checkpoint(
+            src, model_name, ema=ema, allow_nonfinite=allow_nonfinite, ignore_train_args=ignore_train_args,
+            log=progress)
         progress(f'writing {out_dir}')
         facts = write_hub_folder(
             model,
@@ -104,6 +93,39 @@ def convert_checkpoint(
             log=progress,
         )
     return ConvertedFolder(path=out_dir, model_name=model_name, repo_id=repo_id, facts=facts, checkpoint=checkpoint)
+
+
+def model_from_checkpoint(
+        src: Path,
+        model_name: Optional[str],
+        ema: bool = False,
+        allow_nonfinite: bool = False,
+        ignore_train_args: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+) -> Tuple[nn.Module, Checkpoint]:
+    """``model_name`` (None: the EPSANet variant a timm train.py checkpoint records) holding the
+    weights of the checkpoint ``src`` (the EMA ones with ``ema``), in eval mode, and what the
+    checkpoint records; every claim of it checked first (see :func:`convert_checkpoint` for the
+    arguments). ``log`` receives what was read and left out."""
+    log(f'reading {src}')
+    checkpoint = read_checkpoint(src, ema=ema)
+    if model_name is None:
+        if checkpoint.arch not in MODEL_NAMES:
+            recorded = f'records {checkpoint.arch!r}' if checkpoint.arch else 'does not record its architecture'
+            raise ValueError(f"{src} {recorded}: pass --model NAME ({', '.join(MODEL_NAMES)})")
+        model_name = checkpoint.arch
+    if checkpoint.has_ema and not ema:
+        log('the checkpoint also holds EMA weights; taking the plain ones (pass --ema for the EMA ones)')
+    if ignore_train_args:
+        checkpoint.args = None
+    for note in checkpoint.ignored:
+        log(f'left off the model card: {note}')
+    model = _model_for(checkpoint, model_name, src)
+    trained_as = f' (trained as {checkpoint.arch})' if checkpoint.arch not in (None, model_name) else ''
+    check_fits(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name)
+    check_values(checkpoint.state_dict, model, what=str(src), allow_nonfinite=allow_nonfinite)
+    model.load_state_dict(checkpoint.state_dict)
+    return model, checkpoint
 
 
 def _model_for(checkpoint: Checkpoint, model_name: str, src: Path) -> nn.Module:

@@ -1,8 +1,8 @@
 """Writing outputs so that they appear whole or not at all, and nothing a user had is lost.
 
-Every folder the package writes (``convert``'s Hub folder, ``quickstart``'s model and ImageFolder)
-and every file (an exported model, or a pair such as OpenVINO's ``.xml`` and ``.bin``) is built in
-a hidden sibling of its destination and moved into place once complete:
+Every folder the package writes (``convert``'s Hub folder, ``quickstart``'s model and ImageFolder,
+``export``'s OpenVINO IR) and every file (``export``'s ONNX file) is built in a hidden sibling of its
+destination and moved into place once complete:
 
 * **One writer at a time.** The destination is locked for the whole run with ``flock`` on a hidden
   ``.<name>.timm-epsa.lock`` beside it, which holds the writer's pid and is deleted when the run
@@ -16,8 +16,8 @@ a hidden sibling of its destination and moved into place once complete:
 * **Nothing replaced without force.** A destination that is not empty is refused unless ``force``,
   and one that fills up while the run works is left as it is (the check is repeated under the lock
   and the swap itself refuses to replace anything but an empty folder).
-* **Leftovers of killed runs** (``.<name>.<8 hex>.partial``, ``.old``, ``.commit``) are cleaned up,
-  put back or finished by the next run writing the same destination, which says what it did.
+* **Leftovers of killed runs** (``.<name>.<8 hex>.partial``, ``.old``) are cleaned up or put back
+  by the next run writing the same destination, which says what it did.
 
 The environment variable :data:`PAUSE_ENV` exists for the tests only: it stops a run at a named step
 until a signal arrives, so that a test can interrupt or kill it exactly there.
@@ -36,7 +36,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 from .escaping import one_line
 
@@ -46,7 +46,7 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-__all__ = ['DestinationError', 'PAUSE_ENV', 'staged_file', 'staged_files', 'staged_folder']
+__all__ = ['DestinationError', 'PAUSE_ENV', 'staged_file', 'staged_folder']
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ Log = Callable[[str], None]
 PAUSE_ENV = 'TIMM_EPSA_TEST_PAUSE'  # test-only: a step name (see _pause_for_tests)
 _NAME_MAX = 255  # bytes in a file name on every common filesystem
 _STEM_MAX = 200  # bytes of the destination's name kept in its hidden siblings' names, which then fit in 255
-_LEFTOVER_KINDS = ('old', 'commit', 'partial')  # in the order the next run handles them
+_LEFTOVER_KINDS = ('old', 'partial')  # in the order the next run handles them
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 # renameat2, or a flag of it, that the OS or the filesystem does not have
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -76,30 +76,17 @@ def staged_folder(out_dir: PathLike, force: bool = False, log: Optional[Log] = N
     Raises :class:`DestinationError` when ``out_dir`` is being written by another timm-epsa, is not
     empty (unless ``force``) or became so while the block ran, or cannot be a destination at all.
     """
-    with _writing([out_dir], force, log, folder=True) as staging:
-        yield staging
-
-
-@contextmanager
-def staged_files(outs: Sequence[PathLike], force: bool = False, log: Optional[Log] = None) -> Iterator[Path]:
-    """Lock the files ``outs`` (all in one folder) and yield a new hidden folder to write them into,
-    under their own names; when the block completes each is moved into place.
-
-    Each file is replaced by one ``rename``, so it is always the complete old or new file. For
-    several files (OpenVINO's ``.xml`` and ``.bin``) there is an instant between two renames where
-    one is new and the other old; signals are held back across it, and should the run be killed
-    there the next run finishes moving the new ones into place. Files the block writes but
-    ``outs`` does not name are refused, never dropped. A folder target is atomic as a whole: prefer
-    :func:`staged_folder` where the format allows one.
-    """
-    with _writing(outs, force, log, folder=False) as staging:
+    with _writing(out_dir, force, log, folder=True) as staging:
         yield staging
 
 
 @contextmanager
 def staged_file(out: PathLike, force: bool = False, log: Optional[Log] = None) -> Iterator[Path]:
-    """:func:`staged_files` for one file: yields the hidden path to write it to."""
-    with staged_files([out], force, log) as staging:
+    """Lock the file ``out`` and yield a hidden path beside it to write the new file to, which
+    replaces ``out`` by one ``rename`` when the block completes (so ``out`` is always the complete
+    old or new file) and is deleted if it raises. A format of several files that belong together
+    is written as a folder (:func:`staged_folder`), which is replaced as a whole."""
+    with _writing(out, force, log, folder=False) as staging:
         yield staging / Path(out).name
 
 
@@ -148,20 +135,18 @@ class _Destination:
 
 
 @contextmanager
-def _writing(outs: Sequence[PathLike], force: bool, log: Optional[Log], folder: bool) -> Iterator[Path]:
+def _writing(out: PathLike, force: bool, log: Optional[Log], folder: bool) -> Iterator[Path]:
+    """Lock ``out``, handle leftovers, check it, and yield a hidden staging folder; on success move the
+    result into place (the folder itself, or the file of ``out``'s name in it)."""
     log = _warn if log is None else log
-    dests = [_Destination(out) for out in outs]
-    if len({d.path.parent for d in dests}) != 1:
-        raise DestinationError(f"{', '.join(d.shown for d in dests)}: files written together must be in one folder")
-    main = dests[0]
-    created = _make_parents(main.path.parent)
+    dest = _Destination(out)
+    created = _make_parents(dest.path.parent)
     try:
-        with _locked(main):
-            _handle_leftovers(main, dests, log)
-            for dest in dests:
-                _check_destination(dest, force, folder)
+        with _locked(dest):
+            _handle_leftovers(dest, log)
+            _check_destination(dest, force, folder)
             token = uuid.uuid4().hex[:8]
-            staging = main.sibling('partial', token)
+            staging = dest.sibling('partial', token)
             staging.mkdir()
             committed = False
             try:
@@ -170,20 +155,21 @@ def _writing(outs: Sequence[PathLike], force: bool, log: Optional[Log], folder: 
                 with _signals_held() as received:
                     _pause_for_tests('commit')
                     if folder:
-                        _commit_folder(staging, main, force, token, log)
+                        _commit_folder(staging, dest, force, token, log)
                     else:
-                        _commit_files(staging, [Path(out).name for out in outs], dests, force, token)
+                        _commit_file(staging / Path(out).name, dest, force)
+                        _remove(staging, log=log)
                     committed = True
                     if received:
-                        log(f'{main.shown} was written completely before the interrupt took effect')
+                        log(f'{dest.shown} was written completely before the interrupt took effect')
             except BaseException as e:
                 if committed:  # an interrupt held back during the swap: the new output stands
                     raise
                 _remove(staging, log=log, missing_ok=True)
                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    state = 'is unchanged' if os.path.lexists(main.path) else 'was not written'
+                    state = 'is unchanged' if os.path.lexists(dest.path) else 'was not written'
                     raise DestinationError(
-                        f'no space left on the device for {main.shown} ({e.strerror}); {main.shown} {state}: free '
+                        f'no space left on the device for {dest.shown} ({e.strerror}); {dest.shown} {state}: free '
                         f'some space or write it elsewhere') from e
                 raise
     except BaseException:
@@ -277,7 +263,7 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _handle_leftovers(main: _Destination, dests: Sequence[_Destination], log: Log) -> None:
+def _handle_leftovers(main: _Destination, log: Log) -> None:
     """Clean up after runs that were killed (nothing else leaves these: it holds the lock now).
 
     An ``.old`` is the destination's previous content, moved aside by a run replacing it with
@@ -300,13 +286,7 @@ def _handle_leftovers(main: _Destination, dests: Sequence[_Destination], log: Lo
                 f'killed before replacing it; {main.shown} exists again, so it is kept there: move it back or '
                 f'delete it yourself')
             continue
-        if kind == 'commit':
-            names = sorted(p.name for p in leftover.iterdir())
-            for name in names:
-                os.replace(leftover / name, main.path.with_name(name))
-            log(f"moved {', '.join(names)} into place beside {main.shown}: a timm-epsa run that was killed had begun "
-                f"to (from {leftover.name})")
-        if _remove(leftover, log=log) and kind != 'commit':
+        if _remove(leftover, log=log):
             what = (f'what {main.shown} held before a timm-epsa run that was killed replaced it' if kind == 'old'
                     else 'the unfinished output (or the replaced content) of a timm-epsa run that was killed')
             log(f'removed {leftover.name} beside {main.shown}: {what}')
@@ -348,31 +328,15 @@ def _move_aside_and_in(staging: Path, dest: _Destination, token: str, log: Log) 
     _remove_previous(old, dest, log)
 
 
-def _commit_files(staging: Path, names: Sequence[str], dests: Sequence[_Destination], force: bool, token: str) -> None:
-    """Move each file of ``staging`` (written under ``names``) to its destination. ``staging`` is
-    renamed to ``.commit`` first, which tells the next run to finish the moves should this run be
-    killed between them."""
-    written = {p.name for p in staging.iterdir()}
-    if written != set(names):
-        raise DestinationError(
-            f'the files written ({", ".join(sorted(written)) or "none"}) are not the ones declared '
-            f'({", ".join(sorted(names))}): nothing was moved into place')
-    for name, dest in zip(names, dests):
-        _check_destination(dest, force, folder=False, while_writing=True)
-        if name != dest.path.name:  # a symlink is written where it points
-            os.rename(staging / name, staging / dest.path.name)
-    committing = dests[0].sibling('commit', token)
-    os.rename(staging, committing)
-    try:
-        for dest in dests:
-            if force:
-                os.replace(committing / dest.path.name, dest.path)
-            else:
-                _rename_no_replace(committing / dest.path.name, dest, folder=False)
-    except BaseException:
-        os.rename(committing, staging)  # what is left is removed with the staging folder
-        raise
-    committing.rmdir()
+def _commit_file(written: Path, dest: _Destination, force: bool) -> None:
+    """Move the file ``written`` to ``dest``: replacing what is there only with ``force``."""
+    if not written.is_file():
+        raise DestinationError(f'nothing was written for {dest.shown}: it is left as it was')
+    _check_destination(dest, force, folder=False, while_writing=True)
+    if force:
+        os.replace(written, dest.path)
+    else:
+        _rename_no_replace(written, dest, folder=False)
 
 
 def _rename_no_replace(source: Path, dest: _Destination, folder: bool, replace_empty: bool = False) -> None:

@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from ..escaping import first_line
 from .forms import ONNXRUNTIME, OPENVINO
 from .rewrite import rewrite_for_runtime
 from .runtimes import ExportError, load_runner, require_runtime
@@ -104,7 +105,7 @@ def _export_onnx(graph: nn.Module, path: Path, input_size: Tuple[int, int, int],
                 graph, (example,), str(path), dynamo=True, external_data=False, optimize=True,
                 input_names=['input'], output_names=['output'], dynamic_shapes=dynamic_shapes, verbose=False)
         except Exception as e:  # torch.export's and onnxscript's errors are pages long
-            raise ExportError(f'torch.onnx.export failed: {_first_line(e)}') from e
+            raise ExportError(f'torch.onnx.export failed: {first_line(e)}') from e
 
 
 def _export_openvino(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:
@@ -123,7 +124,7 @@ def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...
     try:
         actual = torch.from_numpy(load_runner(runtime, path)(x.numpy()))
     except Exception as e:
-        raise ExportCheckError(f'{runtime} could not run the exported {path.name}: {_first_line(e)}') from e
+        raise ExportCheckError(f'{runtime} could not run the exported {path.name}: {first_line(e)}') from e
     if actual.shape != expected.shape:
         raise ExportCheckError(
             f'{runtime} output has shape {tuple(actual.shape)} at batch {shape[0]}, eager PyTorch {tuple(expected.shape)}')
@@ -148,7 +149,3 @@ def _quiet() -> Iterator[None]:
     finally:
         logger.setLevel(level)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

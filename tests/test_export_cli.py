@@ -1,0 +1,148 @@
+"""``timm-epsa export``: each kind of SOURCE reaches a runtime that computes what eager PyTorch does,
+and every way it can go wrong is one line that leaves OUT as it was."""
+import importlib
+
+import pytest
+import timm
+import torch
+from timm.models import save_for_hf
+
+from cli_run import assert_one_line_error, run_cli
+from numerics import assert_relative_close
+from timm_epsa.deploy import DEPLOY_EXTRA, load_runner, rewrite_for_runtime
+from timm_epsa import export as export_cli
+from timm_epsa.deploy import export as deploy_export
+
+pytest_plugins = ['hub_stub']  # fixture: converted (a train.py checkpoint of epsanet50 and its Hub folder)
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+
+def assert_runs_like(runtime, path, model, batch_size, img_size=64):
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_relative_close(torch.from_numpy(load_runner(runtime, path)(x.numpy())), model(x), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_folder_to_onnxruntime_with_dynamic_batch(converted, tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    _, folder, source = converted
+    status, out, err = run_cli(capsys, 'export', folder, tmp_path / 'epsanet50.onnx', '--runtime', 'onnxruntime',
+                               '--img-size', 64)
+    assert status == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'epsanet50.onnx'}: epsanet50 (weights from the folder {folder}) for "
+                          f"onnxruntime, input 3x64x64, dynamic batch; checked at batch 1 and 3"), out
+    assert [p.name for p in tmp_path.iterdir()] == ['epsanet50.onnx']  # no lock, no staging left beside it
+    assert_runs_like('onnxruntime', tmp_path / 'epsanet50.onnx', source, batch_size=5)
+
+
+@pytest.mark.slow
+def test_checkpoint_to_openvino_with_fixed_batch(converted, tmp_path, capsys):
+    pytest.importorskip('openvino')
+    checkpoint, _, source = converted
+    out_dir = tmp_path / 'ir'
+    status, out, err = run_cli(capsys, 'export', checkpoint, out_dir, '--runtime', 'openvino', '--img-size', 64,
+                               '--batch-size', 2)
+    assert status == 0, err
+    assert f"wrote {out_dir}/model.xml and {out_dir}/model.bin: epsanet50 (weights from {checkpoint})" in out, out
+    assert 'batch 2; checked at batch 2' in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ir']
+    assert sorted(p.name for p in out_dir.iterdir()) == ['model.bin', 'model.xml']
+    assert_runs_like('openvino', out_dir / 'model.xml', source, batch_size=2)
+
+
+@pytest.mark.slow
+def test_failed_check_leaves_the_old_file(tmp_path, capsys, monkeypatch):
+    pytest.importorskip('onnxruntime')
+
+    def broken_rewrite(model, runtime):
+        graph = rewrite_for_runtime(model, runtime)
+        next(graph.layer1[0].conv2.branches[0].buffers()).mul_(1.5)  # one branch's weights off by half
+        return graph
+
+    monkeypatch.setattr(deploy_export, 'rewrite_for_runtime', broken_rewrite)
+    tiny = timm.create_model('epsanet50', layers=(1, 1, 1, 1)).eval()  # the wiring is the point, not the size
+    monkeypatch.setattr(export_cli, 'model_from_source', lambda *args: (tiny, 'epsanet50', 'random weights'))
+    out = tmp_path / 'model.onnx'
+    out.write_text('the model I had')
+    status, _, err = run_cli(capsys, 'export', 'epsanet50', out, '--runtime', 'onnxruntime', '--img-size', 32, '--force')
+    assert status == 1
+    assert_one_line_error(err, 'export', 'onnxruntime output differs from eager PyTorch', 'more than 1e-04')
+    assert [p.name for p in tmp_path.iterdir()] == ['model.onnx'] and out.read_text() == 'the model I had'
+
+
+@pytest.mark.parametrize('runtime, out_name', [('onnxruntime', 'model.onnx'), ('openvino', 'ir')])
+def test_existing_out_is_kept_without_force(tmp_path, capsys, runtime, out_name):
+    pytest.importorskip(runtime)
+    out = tmp_path / out_name
+    if runtime == 'openvino':
+        out.mkdir()
+        (out / 'model.xml').write_text('mine')
+    else:
+        out.write_text('mine')
+    status, _, err = run_cli(capsys, 'export', 'epsanet50', out, '--runtime', runtime)
+    assert status == 1
+    assert_one_line_error(err, 'export', str(out), '--force')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out_name]
+    assert (out / 'model.xml' if runtime == 'openvino' else out).read_text() == 'mine'
+
+
+@pytest.mark.parametrize('runtime', ['onnxruntime', 'openvino'])
+def test_missing_runtime_names_the_extra(tmp_path, capsys, monkeypatch, runtime):
+    real_import = importlib.import_module
+
+    def without_runtime(name, *args):
+        if name == runtime:
+            raise ImportError(f'No module named {name!r}')
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, 'import_module', without_runtime)
+    status, _, err = run_cli(capsys, 'export', 'epsanet50', tmp_path / 'out', '--runtime', runtime)
+    assert status == 1
+    assert_one_line_error(err, 'export', f'needs the {runtime} package', DEPLOY_EXTRA)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sources_are_named(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    (tmp_path / 'empty').mkdir()
+    save_for_hf(timm.create_model('resnet18', num_classes=2), tmp_path / 'resnet18')
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
+    cases = [
+        ('resnet50', 'neither a model name', 'a folder written by timm-epsa convert'),
+        (tmp_path / 'missing.pth', 'neither a model name', 'nor a checkpoint file'),
+        (tmp_path / 'empty', 'a folder without config.json', 'a checkpoint file, or a model name'),
+        (tmp_path / 'resnet18', "holds 'resnet18', not an EPSANet variant", 'epsanet50'),
+        (tmp_path / 'garbage.pth', 'garbage.pth'),
+    ]
+    for source, *fragments in cases:
+        status, _, err = run_cli(capsys, 'export', source, tmp_path / 'out.onnx', '--runtime', 'onnxruntime')
+        assert status == 1, source
+        assert_one_line_error(err, 'export', *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty', 'garbage.pth', 'resnet18']
+
+
+def test_bad_options_are_refused(tmp_path, capsys):
+    for args, fragment in [
+        (['--runtime', 'tensorrt'], "invalid choice: 'tensorrt'"),
+        (['--runtime', 'onnxruntime', '--batch-size', 0], '--batch-size'),
+        (['--runtime', 'onnxruntime', '--img-size', 8], '--img-size'),
+        ([], '--runtime'),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(capsys, 'export', 'epsanet50', tmp_path / 'out.onnx', *args)
+        assert exit_.value.code == 2
+        assert fragment in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('force', [False, True])
+def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
+    checkpoint = tmp_path / 'run' / 'model_best.pth.tar'
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b'my weights')
+    for out in (checkpoint, checkpoint.parent, tmp_path):
+        status, _, err = run_cli(capsys, 'export', checkpoint, out, '--runtime', 'openvino', *['--force'] * force)
+        assert status == 1
+        assert_one_line_error(err, 'export', f'would replace SOURCE {checkpoint}')
+    assert checkpoint.read_bytes() == b'my weights' and [p.name for p in tmp_path.iterdir()] == ['run']
