@@ -146,3 +146,16 @@ def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
         assert status == 1
         assert_one_line_error(err, 'export', f'would replace SOURCE {checkpoint}')
     assert checkpoint.read_bytes() == b'my weights' and [p.name for p in tmp_path.iterdir()] == ['run']
+
+
+def test_options_that_do_not_fit_the_source_or_runtime_are_refused(converted, tmp_path, capsys):
+    _, folder, _ = converted
+    for args, fragments in [
+        (['epsanet50', tmp_path / 'ir.xml', '--runtime', 'openvino'], ('is a folder for openvino', f"{tmp_path / 'ir'}-ir")),
+        ([folder, tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--ema'], ('--model and --ema are for a checkpoint',)),
+        (['epsanet50', tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--model', 'epsanet101'], ('--model and --ema',)),
+    ]:
+        status, _, err = run_cli(capsys, 'export', *args)
+        assert status == 1
+        assert_one_line_error(err, 'export', *fragments)
+    assert list(tmp_path.iterdir()) == []

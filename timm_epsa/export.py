@@ -52,6 +52,9 @@ def export(
     require_runtime(runtime)  # before any work: the one thing a fresh install is likely to lack
     progress = log or (lambda message: None)
     out = Path(out)
+    if runtime == OPENVINO and out.suffix in ('.xml', '.bin'):
+        raise ValueError(f'OUT {out} is a folder for openvino (it will hold {" and ".join(OPENVINO_FILES)}): give a '
+                         f'folder name such as {out.with_suffix("")}-ir')
     source_path = Path(source).resolve()
     if source_path.exists() and (out.resolve() == source_path or out.resolve() in source_path.parents):
         raise ValueError(f'OUT {out} would replace SOURCE {source}; write to another path')
@@ -79,6 +82,9 @@ def model_from_source(
       runtime's speed or the graph, not for predictions.
     """
     path = Path(source)
+    if not path.is_file() and (model_name or ema):
+        raise ValueError(f'--model and --ema are for a checkpoint file SOURCE; {source} is not one (a folder or a '
+                         f'model name brings its own architecture and weights)')
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f'{source} is a folder without {CONFIG_NAME}: give one written by timm-epsa convert or '

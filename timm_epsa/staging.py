@@ -435,12 +435,14 @@ def _signals_held() -> Iterator[List[int]]:
 
 
 def _pause_for_tests(step: str) -> None:
-    """With ``$TIMM_EPSA_TEST_PAUSE`` set to ``step``, announce it on stderr and wait (a minute at
-    most) for a signal, so that a test can interrupt or kill the run exactly here. Test-only."""
+    """With ``$TIMM_EPSA_TEST_PAUSE`` set to ``step``, announce it on stderr and wait for a signal, so
+    that a test can interrupt or kill the run exactly here. Test-only. The wait ends by itself only
+    after as long as a test waits for a child to pause (a test may pause two children, and the
+    second can take a minute to get there on a busy machine)."""
     if os.environ.get(PAUSE_ENV) != step:
         return
     print(f'timm-epsa: paused at {step} (pid {os.getpid()})', file=sys.stderr, flush=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while not _held and time.monotonic() < deadline:
         time.sleep(0.01)
 
