@@ -22,12 +22,11 @@ import argparse
 import collections
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +35,8 @@ from torch import nn
 import timm
 import timm_epsa  # noqa: F401  registers the models
 from timm_epsa.deploy import export_model, load_runner
+
+from bench_epsanet import time_interleaved  # this folder is the script's: sys.path[0]
 
 BASELINES = {  # timm's ResNet of the same depth and bottleneck width
     'epsanet50': 'resnet50',
@@ -158,20 +159,6 @@ def print_profiles(runtime: str, batch: int, profiles: Dict[str, Dict[str, float
         print(f'| {name} | ' + ' | '.join(f'{kind_ms.get(k, 0.0):.1f}' for k in kinds) + f' | {total:.1f} |')
 
 
-def time_interleaved(steps: Dict[str, Step], rounds: int, warmup: int) -> Dict[str, float]:
-    """Median seconds per call of each step, calling them in turn round after round."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: Dict[str, List[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def report(runtime: str, batch: int, seconds: Dict[str, float], baseline: str) -> Dict[str, float]:
     """Images per second per model (the faster memory format in eager), printed with the ratio to ``baseline``."""
     rates: Dict[str, float] = {}
@@ -250,7 +237,7 @@ def main(argv: Sequence[str] = None) -> None:
                     steps = compile_steps(models, x)
                 else:
                     steps = exported_steps(runtime, models, x, Path(workdir), args.threads, cache)
-                report(runtime, batch, time_interleaved(steps, args.rounds, args.warmup), baseline)
+                report(runtime, batch, time_interleaved(steps, torch.device('cpu'), args.rounds, args.warmup), baseline)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,6 @@
 """Deployment: every exact rewrite against the unmodified eager model in float64, the forms chosen per
 runtime, export round trips through ONNX Runtime and OpenVINO, and the errors a user can meet."""
 import copy
-import importlib
 from pathlib import Path
 
 import pytest
@@ -190,15 +189,8 @@ def test_failed_check_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('runtime', RUNTIMES)
-def test_missing_runtime_names_the_extra(runtime, tmp_path, monkeypatch):
-    real_import = importlib.import_module
-
-    def without_runtime(name, *args):
-        if name == runtime:
-            raise ImportError(f'No module named {name!r}')
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, 'import_module', without_runtime)
+def test_missing_runtime_names_the_extra(runtime, tmp_path, hide_package):
+    hide_package(runtime)
     with pytest.raises(MissingRuntimeError) as error:
         export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.xml', runtime)
     message = str(error.value)

@@ -1,6 +1,5 @@
 """``timm-epsa export``: each kind of SOURCE reaches a runtime that computes what eager PyTorch does,
 and every way it can go wrong is one line that leaves OUT as it was."""
-import importlib
 
 import pytest
 import timm
@@ -88,15 +87,8 @@ def test_existing_out_is_kept_without_force(tmp_path, capsys, runtime, out_name)
 
 
 @pytest.mark.parametrize('runtime', ['onnxruntime', 'openvino'])
-def test_missing_runtime_names_the_extra(tmp_path, capsys, monkeypatch, runtime):
-    real_import = importlib.import_module
-
-    def without_runtime(name, *args):
-        if name == runtime:
-            raise ImportError(f'No module named {name!r}')
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, 'import_module', without_runtime)
+def test_missing_runtime_names_the_extra(tmp_path, capsys, hide_package, runtime):
+    hide_package(runtime)
     status, _, err = run_cli(capsys, 'export', 'epsanet50', tmp_path / 'out', '--runtime', runtime)
     assert status == 1
     assert_one_line_error(err, 'export', f'needs the {runtime} package', DEPLOY_EXTRA)
