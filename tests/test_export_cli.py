@@ -1,6 +1,8 @@
 """``timm-epsa export``: each kind of SOURCE reaches a runtime that computes what eager PyTorch does,
 and every way it can go wrong is one line that leaves OUT as it was."""
 
+import shutil
+
 import pytest
 import timm
 import torch
@@ -95,23 +97,37 @@ def test_missing_runtime_names_the_extra(tmp_path, capsys, hide_package, runtime
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_sources_are_named(tmp_path, capsys):
+def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
     pytest.importorskip('onnxruntime')
+    _, folder, _ = converted
+    monkeypatch.chdir(tmp_path)
     (tmp_path / 'empty').mkdir()
+    (tmp_path / 'epsanet50').mkdir()  # a stray folder with a model's name
     save_for_hf(timm.create_model('resnet18', num_classes=2), tmp_path / 'resnet18')
     (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
+    (tmp_path / 'no_weights').mkdir()
+    shutil.copy(folder / 'config.json', tmp_path / 'no_weights')
+    (tmp_path / 'bad_json').mkdir()
+    (tmp_path / 'bad_json' / 'config.json').write_text('{bad')
     cases = [
         ('resnet50', 'neither a model name', 'a folder written by timm-epsa convert'),
-        (tmp_path / 'missing.pth', 'neither a model name', 'nor a checkpoint file'),
+        ('epsanet50.foo', "epsanet50 has no tag 'foo'; its tags: epsanet50.in1k"),
+        ('hf-hub:timm/epsanet50.in1k', 'export reads local files', '--local-dir DIR'),
+        (tmp_path / 'missing.pth', 'missing.pth: no such file or folder'),
+        ('missing.pth', 'missing.pth: no such file or folder'),
         (tmp_path / 'empty', 'a folder without config.json', 'a checkpoint file, or a model name'),
+        ('epsanet50', 'epsanet50 is a folder without config.json, which hides the model name epsanet50'),
         (tmp_path / 'resnet18', "holds 'resnet18', not an EPSANet variant", 'epsanet50'),
+        (tmp_path / 'no_weights', 'has config.json but no model.safetensors'),
+        (tmp_path / 'bad_json', 'config.json is not valid JSON (Expecting property name'),
         (tmp_path / 'garbage.pth', 'garbage.pth'),
     ]
     for source, *fragments in cases:
         status, _, err = run_cli(capsys, 'export', source, tmp_path / 'out.onnx', '--runtime', 'onnxruntime')
         assert status == 1, source
         assert_one_line_error(err, 'export', *fragments)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty', 'garbage.pth', 'resnet18']
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'bad_json', 'empty', 'epsanet50', 'garbage.pth', 'no_weights', 'resnet18']
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
@@ -146,6 +162,8 @@ def test_options_that_do_not_fit_the_source_or_runtime_are_refused(converted, tm
         (['epsanet50', tmp_path / 'ir.xml', '--runtime', 'openvino'], ('is a folder for openvino', f"{tmp_path / 'ir'}-ir")),
         ([folder, tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--ema'], ('--model and --ema are for a checkpoint',)),
         (['epsanet50', tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--model', 'epsanet101'], ('--model and --ema',)),
+        (['epsanet50', tmp_path / 'config.json', '--runtime', 'onnxruntime'], ('must end in .onnx',)),
+        ([folder, folder / 'model.onnx', '--runtime', 'onnxruntime'], ('is inside the SOURCE folder',)),
     ]:
         status, _, err = run_cli(capsys, 'export', *args)
         assert status == 1

@@ -29,7 +29,7 @@ from .hub import PretrainedWeightsError, cached_weights
 from .hub_folder import HubFolderError
 from .hub_repos import NAMESPACE_ENV, check_repo_id, hub_namespace, hub_repo_id
 from .measure import measure_model
-from .models.epsanet import MODEL_NAMES
+from .models.epsanet import MODEL_NAMES, check_model_name
 from .publish import push_folder
 from .quickstart import DEFAULT_OUTPUT, QuickstartError, Recipe, run_quickstart
 
@@ -44,13 +44,10 @@ USER_ERRORS = (
 
 def _model_name(value: str) -> str:
     """A variant's name, or ``<name>.<tag>`` for one of its pretrained tags (kept as given)."""
-    name, tag = split_model_name_tag(value)
-    if name not in MODEL_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
-    tags = list_models(name, include_tags=True)
-    if tag and value not in tags:
-        raise argparse.ArgumentTypeError(f"{name} has no tag {tag!r}; its tags: {', '.join(tags)}")
-    return value
+    try:
+        return check_model_name(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _percent(value: str) -> float:
@@ -257,7 +254,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('source', metavar='SOURCE',
                         help='a model name (random weights, e.g. epsanet50), a folder written by convert or quickstart, '
                              'or a checkpoint file')
-    parser.add_argument('out', metavar='OUT', help='the ONNX file (onnxruntime) or the IR folder (openvino) to write')
+    parser.add_argument('out', metavar='OUT', help='the .onnx file (onnxruntime) or the IR folder (openvino) to write')
     parser.add_argument('--runtime', required=True, choices=RUNTIMES, help='the runtime to export for')
     parser.add_argument('--batch-size', type=_at_least(1, 4096), metavar='N',
                         help='fix the batch size (default: dynamic, any batch size)')

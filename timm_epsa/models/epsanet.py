@@ -25,14 +25,15 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_aa, create_attn, get_act_layer
-from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg, clean_state_dict, generate_default_cfgs, list_models, register_model, split_model_name_tag)
 from timm.models.resnet import ResNet
 
 from ..checkpoint import check_fits
 from ..hub_repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
-__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_model_args']
+__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_model_args', 'check_model_name']
 
 # Small is the PSA layer's default schedule; Large keeps its kernels with 32 groups per branch.
 LARGE_PSA = dict(groups=(32, 32, 32, 32))
@@ -205,6 +206,18 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 MODEL_NAMES = ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
+
+
+def check_model_name(value: str) -> str:
+    """``value`` if it is a variant's name or ``<name>.<tag>`` with one of its tags; otherwise a
+    ValueError naming the choices (timm's own error for a bad tag is a RuntimeError deep in a build)."""
+    name, tag = split_model_name_tag(value)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
+    tags = list_models(name, include_tags=True)
+    if tag and value not in tags:
+        raise ValueError(f"{name} has no tag {tag!r}; its tags: {', '.join(tags)}")
+    return value
 
 # A tag has a Hub repo, and timm lists it as pretrained, only where weights can exist: see
 # timm_epsa.hub_repos (read here, when the models register).
