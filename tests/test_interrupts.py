@@ -37,7 +37,9 @@ class Child:
         command = ['-c', script] if script else ['-m', 'timm_epsa.cli']
         self.process = subprocess.Popen(
             [sys.executable, *command, *map(str, args)], env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # a child of a background job or nohup would inherit SIGINT ignored: give it Ctrl-C as a user has it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.stderr: List[str] = []
         self.paused = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -1,6 +1,7 @@
 """Outputs appear whole or not at all and nothing a user had is lost (timm_epsa/staging.py):
 in-process on small folders; tests/test_interrupts.py sends real signals to `timm-epsa` children."""
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -285,3 +286,15 @@ def test_disk_full_is_one_line_and_leaves_the_old_folder(tmp_path, log):
                 pass
     finally:
         subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_a_signal_the_process_ignores_stays_ignored_across_the_swap():
+    """Under nohup or in a background job SIGINT is ignored: holding it back and raising it again
+    would claim an interrupt that never takes effect."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with staging._signals_held() as received:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert received == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -413,14 +413,16 @@ _held: Optional[List[int]] = None  # the signals received while _signals_held is
 @contextmanager
 def _signals_held() -> Iterator[List[int]]:
     """SIGINT and SIGTERM that arrive inside the block are delivered when it ends, so that the
-    destination never changes half-way. Only the main thread can do this; elsewhere it does nothing."""
+    destination never changes half-way. Only the main thread can do this; elsewhere it does nothing.
+    A signal the process ignores (SIGINT under ``nohup`` or in a background job) stays ignored."""
     global _held
     received: List[int] = []
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(signum)
-            if handler is not None:  # None: installed outside Python, cannot be restored
+            # None: installed outside Python, cannot be restored
+            if handler is not None and handler is not signal.SIG_IGN:
                 previous[signum] = handler
                 signal.signal(signum, lambda number, frame: received.append(number))
     _held = received
@@ -436,9 +438,8 @@ def _signals_held() -> Iterator[List[int]]:
 
 def _pause_for_tests(step: str) -> None:
     """With ``$TIMM_EPSA_TEST_PAUSE`` set to ``step``, announce it on stderr and wait for a signal, so
-    that a test can interrupt or kill the run exactly here. Test-only. The wait ends by itself only
-    after as long as a test waits for a child to pause (a test may pause two children, and the
-    second can take a minute to get there on a busy machine)."""
+    that a test can interrupt or kill the run exactly here. Test-only. The wait ends by itself after
+    as long as a test waits for a child to pause (a test may pause two children at once)."""
     if os.environ.get(PAUSE_ENV) != step:
         return
     print(f'timm-epsa: paused at {step} (pid {os.getpid()})', file=sys.stderr, flush=True)
