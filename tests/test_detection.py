@@ -177,7 +177,8 @@ def test_pretrained_backbone_comes_through_timms_hub_route(hub, weights):
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(model_name='resnet50'), r"unknown model 'resnet50'; choose an EPSANet variant: epsanet50, epsanet101"),
+    (dict(model_name='resnet50'), r"unknown model 'resnet50'; choose from epsanet50, epsanet101"),
+    (dict(model_name='epsanet50.coco'), r"epsanet50 has no tag 'coco'; its tags: epsanet50.in1k"),
     (dict(trainable_layers=6), r'trainable backbone layers must be 0 \(backbone frozen\) to 5 .*, got 6'),
     (dict(trainable_layers=-1), r'trainable backbone layers must be 0 .*, got -1'),
     (dict(returned_layers=(0, 4)), r'returned_layers=\(0, 4\) must name distinct stages among 1, 2, 3, 4'),

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from fake_plugin import write_plugin
+
 pytestmark = pytest.mark.slow  # virtual environments and new interpreters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,11 +224,7 @@ def test_opt_out_and_explicit_fallback(installed, request):
 
 def test_broken_plugin_warns_once_and_timm_works(installed, tmp_path):
     """A plugin written for another timm: `import timm` still works, with one warning naming it."""
-    (tmp_path / 'timm_future_plugin.py').write_text('from timm.models import register_model_v2\n')
-    dist_info = tmp_path / 'timm_future_plugin-1.0.dist-info'
-    dist_info.mkdir()
-    (dist_info / 'METADATA').write_text('Metadata-Version: 2.1\nName: timm-future-plugin\nVersion: 1.0\n')
-    (dist_info / 'entry_points.txt').write_text('[timm.models]\nfuture = timm_future_plugin\n')
+    write_plugin(tmp_path, 'timm_future_plugin', 'from timm.models import register_model_v2\n', entry='future')
 
     result = installed.run('import timm; print(timm.list_models("epsanet*"))', env={'PYTHONPATH': str(tmp_path)})
     assert result.stdout.strip() == str(EPSANETS)  # the other plugins still load

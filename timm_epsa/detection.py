@@ -21,13 +21,12 @@ from typing import Any, Dict, Optional, Sequence, Type
 
 import timm
 from timm.layers import freeze_batch_norm_2d
-from timm.models import split_model_name_tag
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
 
-from .models.epsanet import MODEL_NAMES
+from .models.epsanet import check_model_name
 
 __all__ = [
     'EPSANetWithFPN', 'epsanet_fpn_backbone', 'fasterrcnn_epsanet_fpn', 'maskrcnn_epsanet_fpn',
@@ -99,8 +98,7 @@ def _backbone_body(
         kwargs: Dict[str, Any],
 ) -> nn.Module:
     """The timm ``features_only`` EPSANet, its BatchNorm frozen and its first layers fixed as asked."""
-    if split_model_name_tag(model_name)[0] not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model_name!r}; choose an EPSANet variant: {', '.join(MODEL_NAMES)}")
+    check_model_name(model_name)
     if trainable_layers is None:
         trainable_layers = 3 if pretrained else len(_LAYERS_FROM_LAST)
     if not 0 <= trainable_layers <= len(_LAYERS_FROM_LAST):

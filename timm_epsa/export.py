@@ -101,10 +101,11 @@ def model_from_source(
     if path.is_file():
         model, checkpoint = model_from_checkpoint(path, model_name, ema=ema, log=log)
         return model, model.pretrained_cfg['architecture'], f'weights from {text}'
-    if split_model_name_tag(text)[0] in MODEL_NAMES:
+    name = split_model_name_tag(text)[0]
+    if name in MODEL_NAMES:
         check_model_name(text)
         log(f'{text} is a model name: exporting it with random weights (for speed and graph checks only)')
-        return timm.create_model(text).eval(), split_model_name_tag(text)[0], 'random weights'
+        return timm.create_model(text).eval(), name, 'random weights'
     if os.sep in text or path.suffix in CHECKPOINT_SUFFIXES:
         raise ValueError(f'{text}: no such file or folder')
     raise ValueError(

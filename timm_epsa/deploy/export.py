@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import torch
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from ..escaping import first_line
@@ -85,9 +86,8 @@ def export_model(
 def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
     """(channels, height, width) of the images ``model`` takes: the channels its first convolution
     reads (timm leaves the pretrained cfg at 3 when a model is built with other ``in_chans``), the
-    size given or that of the pretrained cfg."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    _, height, width = cfg.get('input_size', (3, 224, 224))
+    size given or the one timm resolves for the model (its pretrained cfg; 224 without one)."""
+    _, height, width = resolve_model_data_config(model)['input_size']
     if img_size is not None:
         if img_size < 1:
             raise ValueError(f'img_size={img_size} must be at least 1')
