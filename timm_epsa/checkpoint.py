@@ -24,7 +24,7 @@ from torch import nn
 from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
-from .escaping import first_line, one_line
+from .escaping import first_line, one_line, utf8_path_problem
 
 __all__ = [
     'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',
@@ -129,12 +129,9 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
 
 
 def _check_source(path: Path) -> None:
-    try:
-        str(path).encode('utf-8')
-    except UnicodeEncodeError:
-        raise CheckpointError(
-            f'{one_line(str(path))}: the path is not valid UTF-8, and torch and safetensors open files only by '
-            f'UTF-8 paths; rename the file') from None
+    problem = utf8_path_problem(str(path))
+    if problem:
+        raise CheckpointError(f'{problem}; rename the file')
     if path.is_dir():
         raise CheckpointError(f'{path} is a folder; give the checkpoint file in it (.pth, .pth.tar, .safetensors)')
     if not path.exists():

@@ -7,8 +7,9 @@ and raw HTML to a model card someone then publishes.
 """
 import re
 import shlex
+from typing import Optional
 
-__all__ = ['code_block', 'code_span', 'first_line', 'one_line', 'shell_word']
+__all__ = ['code_block', 'code_span', 'first_line', 'one_line', 'shell_word', 'utf8_path_problem']
 
 _LINE_BREAK = re.compile(r'\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]\s*')  # with the whitespace around it
 _BACKTICKS = re.compile(r'`+')
@@ -25,6 +26,16 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (libraries add paragraphs of advice after it), or the
     error's type where it has none: what a one-line report can quote."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def utf8_path_problem(path: str) -> Optional[str]:
+    """Why a path cannot be used, when its name holds bytes that are not UTF-8 (torch and safetensors
+    open files by UTF-8 names only); None when it can."""
+    try:
+        path.encode('utf-8')
+    except UnicodeEncodeError:
+        return f'{one_line(path)}: the path is not valid UTF-8, and torch and safetensors open files only by UTF-8 paths'
+    return None
 
 
 def shell_word(text: str) -> str:

@@ -13,13 +13,13 @@
   from the cache and refused. (Small files in plain Git have their Git blob hash as ETag instead;
   nothing is fetched through here that would be one.)
 """
-import hashlib
 import os
-import re
 from typing import Optional, Tuple
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.file_download import REGEX_SHA256
+from huggingface_hub.utils.sha import sha_fileobj
 
 from .escaping import first_line
 
@@ -33,9 +33,9 @@ __all__ = [
     'download', 'split_repo_revision',
 ]
 
-_UNAVAILABLE = (408, 429, 500, 502, 503, 504)  # statuses huggingface_hub treats as the Hub being unavailable
-_SHA256 = re.compile(r'[0-9a-f]{64}')
-_CHUNK = 1 << 20
+# The statuses huggingface_hub retries as the Hub being unavailable (its private
+# utils._http._DEFAULT_RETRY_ON_STATUS_CODES, copied rather than imported from a private module).
+_UNAVAILABLE = (408, 429, 500, 502, 503, 504)
 
 
 class InvalidRevisionError(HFValidationError):
@@ -107,11 +107,12 @@ def _verify(path: str, etag: Optional[str], repo_id: str, filename: str) -> None
     """Compare the file with the sha256 it is cached under (its ETag), or the one just served."""
     blob = os.path.realpath(path)
     expected = os.path.basename(blob)
-    if not _SHA256.fullmatch(expected):  # a cache without symlinks
+    if not REGEX_SHA256.match(expected):  # a cache without symlinks
         expected = etag or ''
-    if not _SHA256.fullmatch(expected):
+    if not REGEX_SHA256.match(expected):
         return  # the Hub stated no sha256 for it: nothing to compare with
-    actual = _sha256(blob)
+    with open(blob, 'rb') as f:
+        actual = sha_fileobj(f).hex()
     if actual == expected:
         return
     removed = True
@@ -127,12 +128,3 @@ def _verify(path: str, etag: Optional[str], repo_id: str, filename: str) -> None
     raise HubFileMismatchError(
         f'the {filename} of {repo_id} in the cache does not match the sha256 the Hub states for it '
         f'({expected[:12]}...; its bytes give {actual[:12]}...): the download was damaged or the file altered. {then}')
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-

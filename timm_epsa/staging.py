@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
 
-from .escaping import one_line
+from .escaping import utf8_path_problem
 
 try:
     import fcntl
@@ -95,12 +95,9 @@ class _Destination:
 
     def __init__(self, path: PathLike):
         self.shown = str(path)
-        try:
-            self.shown.encode('utf-8')
-        except UnicodeEncodeError:
-            raise DestinationError(
-                f'{one_line(self.shown)}: the path is not valid UTF-8, and torch and safetensors open files only by '
-                f'UTF-8 paths; choose another name') from None
+        problem = utf8_path_problem(self.shown)
+        if problem:
+            raise DestinationError(f'{problem}; choose another name')
         self.path = Path(os.path.realpath(path))
         name = self.path.name.encode('utf-8')
         if not name:
@@ -300,11 +297,8 @@ def _token(leftover: Path) -> str:
 def _commit_folder(staging: Path, dest: _Destination, force: bool, token: str, log: Log) -> None:
     """Put the folder ``staging`` in ``dest``'s place and delete what was there (``force`` only)."""
     _check_destination(dest, force, folder=True, while_writing=True)
-    if not os.path.lexists(dest.path):
+    if not force or not os.path.lexists(dest.path):
         _rename_no_replace(staging, dest, folder=True)
-        return
-    if not force:  # rename replaces an empty folder only, atomically; a filled one stays as it is
-        _rename_no_replace(staging, dest, folder=True, replace_empty=True)
         return
     try:
         _renameat2(staging, dest.path, _RENAME_EXCHANGE)
@@ -339,11 +333,11 @@ def _commit_file(written: Path, dest: _Destination, force: bool) -> None:
         _rename_no_replace(written, dest, folder=False)
 
 
-def _rename_no_replace(source: Path, dest: _Destination, folder: bool, replace_empty: bool = False) -> None:
-    """Rename ``source`` to ``dest`` unless something is there now (an empty folder may be replaced
-    where the OS cannot refuse to replace one)."""
+def _rename_no_replace(source: Path, dest: _Destination, folder: bool) -> None:
+    """Rename ``source`` to ``dest`` unless something is there now. A folder may take the place of an
+    empty folder: ``rename`` never puts one over a folder holding anything, nor over a file."""
     try:
-        if replace_empty:
+        if folder:
             os.rename(source, dest.path)
         else:
             try:
