@@ -147,8 +147,7 @@ def _recorded_number(value: Any, ignored: List[str], name: str, whole: bool = Fa
         value = value.item()
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            whole and (value < 0 or value != int(value))):
+    if not _number(value, 0 if whole else -math.inf, math.inf) or (whole and value != int(value)):
         is_tensor = isinstance(value, torch.Tensor)
         what = f'a tensor of shape {tuple(value.shape)}' if is_tensor else one_line(repr(value))[:40]
         ignored.append(f"its {name} ({what}) is not {'a whole number' if whole else 'a finite number'}")
