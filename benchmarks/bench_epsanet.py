@@ -81,14 +81,18 @@ def make_step(model: nn.Module, x: torch.Tensor, train: bool, dtype: torch.dtype
 
 
 def time_interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, rounds: int,
-                     warmup: int) -> Dict[str, float]:
-    """Median seconds per call for each step, calling them in turn round after round."""
+                     warmup: int, settle: int = 0) -> Dict[str, float]:
+    """Median seconds per call for each step, calling them in turn round after round; each timed call
+    after ``settle`` untimed ones of the same step, for runtimes whose previous step's threads keep
+    the cores busy for a while."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: Dict[str, List[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for key, step in steps.items():
+            for _ in range(settle):
+                step()
             sync(device)
             start = time.perf_counter()
             step()

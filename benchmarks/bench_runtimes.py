@@ -8,8 +8,9 @@ Runtimes: eager PyTorch (each model in its faster memory format), ``torch.compil
 ONNX Runtime and OpenVINO on the CPU in fp32. For the last two every model is exported by
 ``timm_epsa.deploy.export_model`` (EPSANet in the graph form chosen for the runtime, the other models
 as they are; each export checked against eager) with a dynamic batch. The models of one runtime and
-batch size are timed interleaved, one call each round after round, after a warm-up, and medians
-are reported, so a drift in the machine's speed hits all of them alike. The ratio is to the ResNet
+batch size are timed interleaved, one call each round after round (ONNX Runtime: after two
+untimed calls, see ``SETTLE_CALLS``), after a warm-up, and medians are reported, so a drift in the
+machine's speed hits all of them alike. The ratio is to the ResNet
 of the same depth and width in the same runtime and batch.
 
 ``--profile`` instead runs ONNX Runtime's profiler and OpenVINO's performance counters on the
@@ -48,6 +49,10 @@ PEERS = {  # the attention ResNets users weigh EPSANet-50 against
     'epsanet50': ('seresnet50', 'skresnet50', 'res2net50_26w_4s', 'resnest50d', 'resnext50_32x4d'),
 }
 RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino')
+# Untimed calls before each timed one. ONNX Runtime's worker threads spin for tens of milliseconds
+# after a call, so the first calls of the next model's session share the cores with them (resnet50
+# at batch 1, 2 threads: 38 and 32 ms, then 19 ms, as alone); a deployed model runs alone.
+SETTLE_CALLS = {'onnxruntime': 2}
 
 Step = Callable[[], object]
 
@@ -237,7 +242,8 @@ def main(argv: Sequence[str] = None) -> None:
                     steps = compile_steps(models, x)
                 else:
                     steps = exported_steps(runtime, models, x, Path(workdir), args.threads, cache)
-                report(runtime, batch, time_interleaved(steps, torch.device('cpu'), args.rounds, args.warmup), baseline)
+                seconds = time_interleaved(steps, torch.device('cpu'), args.rounds, args.warmup, SETTLE_CALLS.get(runtime, 0))
+                report(runtime, batch, seconds, baseline)
 
 
 if __name__ == '__main__':

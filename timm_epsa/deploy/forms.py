@@ -9,12 +9,9 @@ figures below are epsanet50 against resnet50 in the same runtime, one thread, fp
   convolution runs as an im2col + GEMM per group, 3-12x slower than depthwise convolutions of the
   same MACs, which MLAS does block. So a branch stays a grouped convolution only when its groups
   have multiples of 16 inputs and outputs; otherwise it becomes depthwise convolutions whose group
-  sums reduce a reshaped tensor (0.58x as exported by torch, 0.92x so), except where the groups
-  fill whole channel blocks (a multiple of 16 groups): there the sums are one 1x1 convolution per
-  output-within-group, which MLAS keeps in its blocked layout (on a later AVX-512 machine, two
-  threads: 0.71x to 0.77x at batch 1, 0.77x to 0.78x at batch 8). Sums as 1x1 convolutions in every
-  branch (0.91x), block-diagonal weights of 16 outputs per group for the 8-output groups
-  (0.86-0.89x) and 1x1 sums reading several depthwise outputs to fill a block measured slower.
+  sums reduce a reshaped tensor (0.58x as exported by torch, 0.92x so). Sums as 1x1 convolutions
+  (0.91x) and block-diagonal weights of 16 outputs per group for the 8-output groups (0.86-0.89x)
+  measured slower.
 * OpenVINO (CPU plugin, oneDNN): grouped convolutions with fewer than 16 outputs per group run
   2-8x below the speed of those with 16. Such a branch becomes either a block-diagonal weight with
   16 outputs per group (2-16x the MACs at full speed) or depthwise convolutions (the same MACs at
@@ -47,7 +44,7 @@ def branch_form(runtime: str, conv: nn.Conv2d) -> BranchForm:
     out_per_group, in_per_group = conv.out_channels // groups, conv.in_channels // groups
     if runtime == ONNXRUNTIME:
         if out_per_group % CHANNEL_BLOCK or in_per_group % CHANNEL_BLOCK:
-            return BranchForm(depthwise=True, sums_as_conv=groups % CHANNEL_BLOCK == 0)
+            return BranchForm(depthwise=True)
         return BranchForm()
     if runtime == OPENVINO:
         if out_per_group >= CHANNEL_BLOCK:
