@@ -10,8 +10,8 @@ ONNX Runtime and OpenVINO on the CPU in fp32. For the last two every model is ex
 as they are; each export checked against eager) with a dynamic batch. The models of one runtime and
 batch size are timed interleaved, one call each round after round (ONNX Runtime: after two
 untimed calls, see ``SETTLE_CALLS``), after a warm-up, and medians are reported, so a drift in the
-machine's speed hits all of them alike. The ratio is to the ResNet
-of the same depth and width in the same runtime and batch.
+machine's speed hits all of them alike. The ratio is to the ResNet of the same depth and width in
+the same runtime and batch.
 
 ``--profile`` instead runs ONNX Runtime's profiler and OpenVINO's performance counters on the
 exported models and prints milliseconds per image by kind of operation: the stem, the 1x1
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,32 +56,34 @@ RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino')
 SETTLE_CALLS = {'onnxruntime': 2}
 
 Step = Callable[[], object]
+Variants = Dict[str, Tuple[nn.Module, torch.memory_format]]  # by 'name@format'
 
 
-def in_both_memory_formats(
-        models: Dict[str, nn.Module], x: torch.Tensor) -> Iterator[Tuple[str, nn.Module, torch.Tensor]]:
-    """``(key, model, input)`` for each model as it is and as a channels-last copy: each runtime on
-    PyTorch runs a model in its faster format (:func:`report` keeps it), and which that is depends
-    on the model, the batch size and whether it is compiled (resnet50 at batch 1 on 2 threads: eager
-    faster as NCHW, compiled 1.7x faster as channels-last)."""
-    channels_last = x.contiguous(memory_format=torch.channels_last)
+def in_both_memory_formats(models: Dict[str, nn.Module]) -> Variants:
+    """Each model as it is (NCHW) and as a channels-last copy: PyTorch runs a
+    model in its faster format (:func:`report` keeps it), and which that is depends on the model, the
+    batch size and whether it is compiled (resnet50 at batch 1 on 2 threads: eager faster as NCHW,
+    compiled 1.7x faster as channels-last)."""
+    variants: Variants = {}
     for name, model in models.items():
-        yield f'{name}@nchw', model, x
-        yield f'{name}@channels_last', copy.deepcopy(model).to(memory_format=torch.channels_last), channels_last
+        variants[f'{name}@nchw'] = model, torch.contiguous_format
+        channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        variants[f'{name}@channels_last'] = channels_last, torch.channels_last
+    return variants
 
 
-def eager_steps(models: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, Step]:
-    return {key: _infer(model, inp) for key, model, inp in in_both_memory_formats(models, x)}
+def eager_steps(variants: Variants, x: torch.Tensor) -> Dict[str, Step]:
+    return {key: _infer(model, x.contiguous(memory_format=fmt)) for key, (model, fmt) in variants.items()}
 
 
-def compile_steps(models: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, Step]:
-    """Each model compiled for this input shape, in both memory formats. The timm ResNets share one
-    ``forward``, and dynamo keeps at most ``recompile_limit`` (8) graphs per function before running
-    it eagerly: the cache is emptied for each batch size and the limit raised to the number of graphs."""
+def compile_steps(variants: Variants, x: torch.Tensor) -> Dict[str, Step]:
+    """Each variant compiled for this input shape. The timm ResNets share one ``forward``, and dynamo
+    keeps at most ``recompile_limit`` (8) graphs per function before running it eagerly: the cache is
+    emptied for each batch size and the limit raised well above the number of variants."""
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(models))
-    return {key: _infer(torch.compile(model, dynamic=False), inp)
-            for key, model, inp in in_both_memory_formats(models, x)}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(variants))
+    return {key: _infer(torch.compile(model, dynamic=False), x.contiguous(memory_format=fmt))
+            for key, (model, fmt) in variants.items()}
 
 
 def _infer(model: nn.Module, x: torch.Tensor) -> Step:
@@ -241,16 +243,18 @@ def main(argv: Sequence[str] = None) -> None:
             profile(args, models, [r for r in runtimes if r in ('onnxruntime', 'openvino')], Path(workdir))
             return
         print('| runtime | batch | model | images/s | vs ' + baseline + ' |\n|---|---|---|---|---|')
+        variants = in_both_memory_formats(models) if {'eager', 'compile'} & set(runtimes) else {}
         for runtime in runtimes:
             for batch in (int(b) for b in args.batch_sizes.split(',')):
                 x = torch.randn(batch, 3, args.img_size, args.img_size)
                 if runtime == 'eager':
-                    steps = eager_steps(models, x)
+                    steps = eager_steps(variants, x)
                 elif runtime == 'compile':
-                    steps = compile_steps(models, x)
+                    steps = compile_steps(variants, x)
                 else:
                     steps = exported_steps(runtime, models, x, Path(workdir), args.threads, cache)
-                seconds = time_interleaved(steps, torch.device('cpu'), args.rounds, args.warmup, SETTLE_CALLS.get(runtime, 0))
+                settle = SETTLE_CALLS.get(runtime, 0)
+                seconds = time_interleaved(steps, torch.device('cpu'), args.rounds, args.warmup, settle)
                 report(runtime, batch, seconds, baseline)
 
 
