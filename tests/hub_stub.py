@@ -33,7 +33,7 @@ import torch
 from huggingface_hub import constants
 
 from naive_epsanet import randomize_batchnorm_
-from timm_epsa.convert import convert_checkpoint
+from timm_epsa.hub.convert import convert_checkpoint
 
 # The server stops by itself after this long, should a test never stop it.
 LIFETIME_S = 600

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-import timm
 import torch
 from huggingface_hub import ModelCard
 
@@ -17,9 +16,9 @@ import timm_epsa  # noqa: F401  registers the models
 from timm.models import save_for_hf
 from cli_run import assert_one_line_error, run_cli
 from timm_epsa import cli
-from timm_epsa.checkpoint import CheckpointError, read_checkpoint
-from timm_epsa.hub_config import transformers_compatible
-from timm_epsa.hub_repos import NAMESPACE_ENV
+from timm_epsa.hub.checkpoint import CheckpointError, read_checkpoint
+from timm_epsa.hub.config_json import transformers_compatible
+from timm_epsa.hub.repos import NAMESPACE_ENV
 from timm_epsa.staging import staged_folder
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
@@ -151,7 +150,7 @@ def test_convert_failing_midway_leaves_nothing(converted, capsys, monkeypatch, t
 
     def disk_full(*args):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr('timm_epsa.hub_folder.verify_hub_folder', disk_full)
+    monkeypatch.setattr('timm_epsa.hub.folder.verify_hub_folder', disk_full)
     status, _, err = run_cli(capsys, 'convert', checkpoint, tmp_path / 'out', '--model', 'epsanet50')
     assert status == 1
     assert_one_line_error(err, 'convert', 'No space left on device')
@@ -171,8 +170,8 @@ def test_convert_killed_midway_leaves_no_partial_folder(converted, tmp_path, chi
         (out / 'old.txt').write_text('old')
     script = textwrap.dedent("""
         import os, signal, sys
-        import timm_epsa.convert
-        timm_epsa.hub_folder.verify_hub_folder = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        import timm_epsa.hub.convert
+        timm_epsa.hub.folder.verify_hub_folder = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
         from timm_epsa.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
@@ -231,7 +230,7 @@ class _FakeHfApi:
 
 @pytest.fixture
 def fake_hub_api(monkeypatch):
-    monkeypatch.setattr('timm_epsa.publish.HfApi', _FakeHfApi)
+    monkeypatch.setattr('timm_epsa.hub.publish.HfApi', _FakeHfApi)
     _FakeHfApi.calls = []
     return _FakeHfApi.calls
 

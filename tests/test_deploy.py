@@ -1,7 +1,6 @@
 """Deployment: every exact rewrite against the unmodified eager model in float64, the forms chosen per
 runtime, export round trips through ONNX Runtime and OpenVINO, and the errors a user can meet."""
 import copy
-from pathlib import Path
 
 import pytest
 import timm
@@ -12,7 +11,7 @@ from numerics import assert_relative_close
 from timm_epsa.deploy import (
     DEPLOY_EXTRA, RUNTIMES, BranchForm, ExportCheckError, ExportError, MissingRuntimeError, PSAGraph, branch_form,
     export_model, load_runner, require_runtime, rewrite_for_runtime)
-from timm_epsa.deploy import export as export_module
+from timm_epsa.deploy import graph_export as export_module
 from timm_epsa.layers import PyramidSqueezeAttention
 
 EXACT = 1e-12  # float64: only summation order differs

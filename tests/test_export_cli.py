@@ -11,8 +11,8 @@ from timm.models import save_for_hf
 from cli_run import assert_one_line_error, run_cli
 from numerics import assert_relative_close
 from timm_epsa.deploy import DEPLOY_EXTRA, load_runner, rewrite_for_runtime
-from timm_epsa import export as export_cli
-from timm_epsa.deploy import export as deploy_export
+from timm_epsa.deploy import export as export_cli
+from timm_epsa.deploy import graph_export as deploy_export
 
 pytest_plugins = ['hub_stub']  # fixture: converted (a train.py checkpoint of epsanet50 and its Hub folder)
 pytestmark = pytest.mark.usefixtures('single_thread')

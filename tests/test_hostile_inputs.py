@@ -12,8 +12,8 @@ import torch
 
 import timm_epsa  # noqa: F401  registers the models
 from cli_run import assert_one_line_error, run_cli
-from timm_epsa.checkpoint import CheckpointError, check_values, read_checkpoint, recorded_data_config
-from timm_epsa.convert import _describe_weights
+from timm_epsa.hub.checkpoint import CheckpointError, check_values, read_checkpoint, recorded_data_config
+from timm_epsa.hub.convert import _describe_weights
 from timm_epsa.escaping import code_block, code_span, one_line, shell_word
 
 pytest_plugins = ['hub_stub']  # fixtures: converted (a train.py checkpoint of epsanet50 and its source)

@@ -19,8 +19,8 @@ import timm_epsa  # noqa: F401  registers the models
 from timm_epsa.models.epsanet import MODEL_NAMES
 from timm.models import save_for_hf
 from timm_epsa.hub import PretrainedWeightsError, cached_weights
-from timm_epsa.hub_download import InvalidRevisionError
-from timm_epsa.hub_repos import NAMESPACE_ENV, hub_namespace
+from timm_epsa.hub.download import InvalidRevisionError
+from timm_epsa.hub.repos import NAMESPACE_ENV, hub_namespace
 
 pytest_plugins = ['hub_stub']  # fixtures: hub, converted (one conversion for the whole session)
 pytestmark = pytest.mark.usefixtures('single_thread')

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_epsa  # noqa: F401  registers the models
-from timm_epsa.checkpoint import CheckpointMismatchError
+from timm_epsa.hub.checkpoint import CheckpointMismatchError
 from naive_epsanet import NaiveEPSANet, randomize_batchnorm_
 
 # (params, MACs at 224x224 counted by torch.utils.flop_counter, paper's params in M or None)

@@ -20,7 +20,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from naive_epsanet import randomize_batchnorm_
-from timm_epsa.hub_folder import write_hub_folder
+from timm_epsa.hub.folder import write_hub_folder
 from timm_epsa.quickstart import LABELS, Recipe, create_digits_model
 
 transformers = pytest.importorskip('transformers', minversion='5')

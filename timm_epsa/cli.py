@@ -3,8 +3,8 @@ on the Hub, describe the variants, and the quickstart that trains one.
 
 Each subcommand is an ``_add_<name>`` function that declares its arguments and the function that
 runs it; listing one in ``COMMANDS`` adds it to the command. This module only parses arguments and
-prints: the work is done in :mod:`timm_epsa.convert`, :mod:`timm_epsa.export`, :mod:`timm_epsa.hub`,
-:mod:`timm_epsa.cards`, :mod:`timm_epsa.measure` and :mod:`timm_epsa.quickstart`. Errors a user can
+prints: the work is done in :mod:`timm_epsa.hub` (convert, push, info, card), :mod:`timm_epsa.deploy`
+(export), :mod:`timm_epsa.models.measure` and :mod:`timm_epsa.quickstart`. Errors a user can
 act on print as one line (whatever a checkpoint or a path put in them) and exit with status 1;
 Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
 """
@@ -18,19 +18,19 @@ from typing import Callable, Iterator, List, Optional, Sequence
 from huggingface_hub.errors import HfHubHTTPError
 from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
-from .cards import render_model_card
-from .checkpoint import CheckpointError
-from .convert import convert_checkpoint
 from .deploy import RUNTIMES, ExportError
+from .deploy.export import OPENVINO_FILES, export
 from .deploy.forms import OPENVINO
-from .export import OPENVINO_FILES, export
 from .escaping import one_line
 from .hub import PretrainedWeightsError, cached_weights
-from .hub_folder import HubFolderError
-from .hub_repos import NAMESPACE_ENV, check_repo_id, hub_namespace, hub_repo_id
-from .measure import measure_model
+from .hub.cards import render_model_card
+from .hub.checkpoint import CheckpointError
+from .hub.convert import convert_checkpoint
+from .hub.folder import HubFolderError
+from .hub.publish import push_folder
+from .hub.repos import NAMESPACE_ENV, check_repo_id, hub_namespace, hub_repo_id
 from .models.epsanet import MODEL_NAMES, check_model_name
-from .publish import push_folder
+from .models.measure import measure_model
 from .quickstart import DEFAULT_OUTPUT, QuickstartError, Recipe, run_quickstart
 
 __all__ = ['COMMANDS', 'main']

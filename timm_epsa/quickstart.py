@@ -32,10 +32,10 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import accuracy, random_seed
 
 from . import __version__
-from .cards import CardDataset
 from .hub import WEIGHTS_NAME
-from .hub_folder import write_hub_folder
-from .hub_repos import hub_repo_id
+from .hub.cards import CardDataset
+from .hub.folder import write_hub_folder
+from .hub.repos import hub_repo_id
 from .staging import staged_folder
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Deployment: EPSANet exported to ONNX Runtime and OpenVINO in the exact graph form each runs fastest."""
-from .export import ExportCheckError, ExportReport, TOLERANCE, export_model
+from .graph_export import ExportCheckError, ExportReport, TOLERANCE, export_model
 from .forms import RUNTIMES, branch_form
 from .psa_graph import BranchForm, PSAGraph
 from .rewrite import rewrite_for_runtime

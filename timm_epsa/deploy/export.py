@@ -1,151 +1,139 @@
-"""Export a model to ONNX Runtime or OpenVINO in the graph form measured fastest there, and check it.
+"""``timm-epsa export``: a model name, a Hub-ready folder or a checkpoint becomes a file a runtime runs.
 
-The PSA layers are rewritten first (:func:`timm_epsa.deploy.rewrite.rewrite_for_runtime`); the
-graph is traced with ``torch.onnx.export`` (dynamo), at batch 2 when the batch is dynamic, because
-``torch.export`` specialises a traced size of 1. OpenVINO IR is converted from that graph and
-saved in fp32 (``openvino.save_model`` would otherwise compress the weights to fp16). Nothing is
-reported done before the runtime has run the written files on a real-sized input and matched the
-eager fp32 model within ``TOLERANCE``; a file that fails is removed.
+What ONNX Runtime gets is one ONNX file at OUT. OpenVINO's IR is two files that only work together
+(``.xml``, the graph, and ``.bin``, the weights), so OUT is a folder holding ``model.xml`` and
+``model.bin``: replaced as a whole, it is never an old graph beside new weights. Either is written
+in a hidden sibling (:mod:`timm_epsa.staging`) and takes OUT's name only once the runtime has run
+it and matched eager PyTorch (:func:`timm_epsa.deploy.export_model`).
 """
-import copy
-import logging
-import tempfile
-import warnings
-from contextlib import contextmanager
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
-import torch
-from timm.data import resolve_model_data_config
+import timm
 from torch import nn
 
+from timm.models import split_model_name_tag
+
 from ..escaping import first_line
-from .forms import ONNXRUNTIME, OPENVINO
-from .rewrite import rewrite_for_runtime
-from .runtimes import ExportError, load_runner, require_runtime
+from ..hub import CONFIG_NAME, WEIGHTS_NAME
+from ..hub.convert import model_from_checkpoint
+from ..models.epsanet import MODEL_NAMES, check_model_name
+from ..staging import staged_file, staged_folder
+from .forms import OPENVINO
+from .graph_export import ExportReport, export_model
+from .runtimes import require_runtime
 
-__all__ = ['ExportCheckError', 'ExportReport', 'TOLERANCE', 'export_model']
+__all__ = ['OPENVINO_FILES', 'ExportedModel', 'export', 'model_from_source']
 
-TOLERANCE = 1e-4  # largest error, relative to the largest output magnitude of eager fp32
-TRACE_BATCH = 2
-CHECK_BATCHES = (1, 3)  # a dynamic batch is checked at sizes other than the traced one
-
-
-class ExportCheckError(ExportError):
-    """The runtime's output on the exported file differs from eager PyTorch by more than ``TOLERANCE``."""
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    runtime: str
-    files: Tuple[Path, ...]
-    input_size: Tuple[int, int, int]
-    batch_size: Optional[int]  # None: any batch size
-    checked_batch_sizes: Tuple[int, ...]
-    max_error: float  # relative to the largest eager output magnitude
+OPENVINO_FILES = ('model.xml', 'model.bin')  # what an OpenVINO OUT folder holds
+CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.tar', '.bin', '.ckpt', '.safetensors')  # a SOURCE that names a file
 
 
-def export_model(
-        model: nn.Module,
-        out: Path,
+@dataclass
+class ExportedModel:
+    path: Path
+    model_name: str
+    source: str  # in words: random weights, a folder, a checkpoint
+    report: ExportReport
+
+
+def export(
+        source: Union[str, Path],
+        out: Union[str, Path],
         runtime: str,
         batch_size: Optional[int] = None,
         img_size: Optional[int] = None,
-) -> ExportReport:
-    """Write ``model`` for ``runtime`` at ``out``: an ONNX file for ``onnxruntime``; for ``openvino``
-    IR at ``out`` (``.xml``) and its weights beside it (``.bin``). ``model`` is left untouched.
-
-    The batch size is dynamic unless ``batch_size`` is given; ``img_size`` defaults to the model's
-    pretrained cfg (224 without one).
-    """
-    require_runtime(runtime)
+        model_name: Optional[str] = None,
+        ema: bool = False,
+        force: bool = False,
+        log: Optional[Callable[[str], None]] = None,
+) -> ExportedModel:
+    """Export ``source`` (see :func:`model_from_source`) for ``runtime`` to ``out``, checked before it
+    appears there; ``force`` replaces an existing ``out``. ``batch_size`` fixes the batch (dynamic
+    otherwise), ``img_size`` the image side (the model's pretrained cfg otherwise)."""
+    require_runtime(runtime)  # before any work: the one thing a fresh install is likely to lack
+    progress = log or (lambda message: None)
     out = Path(out)
-    if runtime == OPENVINO and out.suffix != '.xml':
-        raise ExportError(f'{out}: OpenVINO IR is written as <name>.xml and <name>.bin; give a path ending in .xml')
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f'batch_size={batch_size} must be at least 1')
-    input_size = _input_size(model, img_size)
-    reference = copy.deepcopy(model).float().cpu().eval()
-    graph = rewrite_for_runtime(reference, runtime)
-    files = (out,) if runtime == ONNXRUNTIME else (out, out.with_suffix('.bin'))
+    if runtime == OPENVINO and out.suffix in ('.xml', '.bin'):
+        raise ValueError(f'OUT {out} is a folder for openvino (it will hold {" and ".join(OPENVINO_FILES)}): give a '
+                         f'folder name such as {out.with_suffix("")}-ir')
+    if runtime != OPENVINO and out.suffix != '.onnx':
+        raise ValueError(f'OUT {out} must end in .onnx (torch.onnx.export chooses the file format by the suffix)')
+    source_path, out_path = Path(source).resolve(), out.resolve()
+    if source_path.exists() and (out_path == source_path or out_path in source_path.parents):
+        raise ValueError(f'OUT {out} would replace SOURCE {source}; write to another path')
+    if source_path.is_dir() and source_path in out_path.parents:
+        raise ValueError(f'OUT {out} is inside the SOURCE folder {source}; write outside it')
+    staged = staged_folder(out, force=force, log=log) if runtime == OPENVINO else staged_file(out, force=force, log=log)
+    with staged as staging:
+        model, name, described = model_from_source(source, model_name, ema, progress)
+        progress(f'exporting {name} ({described}) for {runtime} and checking it against eager PyTorch')
+        target = staging / OPENVINO_FILES[0] if runtime == OPENVINO else staging
+        report = export_model(model, target, runtime, batch_size=batch_size, img_size=img_size)
+    return ExportedModel(path=out, model_name=name, source=described, report=report)
+
+
+def model_from_source(
+        source: Union[str, Path],
+        model_name: Optional[str] = None,
+        ema: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+) -> Tuple[nn.Module, str, str]:
+    """(model in eval mode, its architecture, where its weights come from in words) for ``source``:
+
+    * a folder as ``timm-epsa convert`` and ``quickstart`` write it, loaded as ``local-dir:``;
+    * a checkpoint file, read and checked as ``convert`` reads it, for ``model_name`` (or the
+      EPSANet variant a timm train.py checkpoint records);
+    * a variant's name (``epsanet50``, ``epsanet50.in1k``), with random weights: for checking a
+      runtime's speed or the graph, not for predictions.
+    """
+    text, path = str(source), Path(source)
+    if text.startswith('hf-hub:'):
+        raise ValueError(f'{text}: export reads local files; download the repo first (huggingface-cli download '
+                         f'<repo> --local-dir DIR) and give DIR')
+    if not path.is_file() and (model_name or ema):
+        raise ValueError(f'--model and --ema are for a checkpoint file SOURCE; {text} is not one (a folder or a '
+                         f'model name brings its own architecture and weights)')
+    if path.is_dir():
+        return _model_from_folder(path)
+    if path.is_file():
+        model, checkpoint = model_from_checkpoint(path, model_name, ema=ema, log=log)
+        return model, model.pretrained_cfg['architecture'], f'weights from {text}'
+    name = split_model_name_tag(text)[0]
+    if name in MODEL_NAMES:
+        check_model_name(text)
+        log(f'{text} is a model name: exporting it with random weights (for speed and graph checks only)')
+        return timm.create_model(text).eval(), name, 'random weights'
+    if os.sep in text or path.suffix in CHECKPOINT_SUFFIXES:
+        raise ValueError(f'{text}: no such file or folder')
+    raise ValueError(
+        f"{text!r} is neither a model name ({', '.join(MODEL_NAMES)}), a folder written by timm-epsa convert or "
+        f"quickstart, nor a checkpoint file")
+
+
+def _model_from_folder(path: Path) -> Tuple[nn.Module, str, str]:
+    """The model of a Hub folder, its config and weights checked before timm builds anything."""
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        hides = split_model_name_tag(path.name)[0] in MODEL_NAMES and not path.is_absolute()
+        raise ValueError(
+            f'{path} is a folder without {CONFIG_NAME}' + (
+                f', which hides the model name {path}: run from a directory without such a folder to export the '
+                f'model with random weights' if hides else
+                ': give one written by timm-epsa convert or quickstart, a checkpoint file, or a model name'))
     try:
-        if runtime == ONNXRUNTIME:
-            _export_onnx(graph, out, input_size, batch_size)
-        else:
-            _export_openvino(graph, out, input_size, batch_size)
-        checked = (batch_size,) if batch_size else CHECK_BATCHES
-        error = max(_check(reference, runtime, out, (batch, *input_size)) for batch in checked)
-    except BaseException:
-        for path in files:
-            path.unlink(missing_ok=True)
-        raise
-    return ExportReport(runtime, files, input_size, batch_size, checked, error)
-
-
-def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
-    """(channels, height, width) of the images ``model`` takes: the channels its first convolution
-    reads (timm leaves the pretrained cfg at 3 when a model is built with other ``in_chans``), the
-    size given or the one timm resolves for the model (its pretrained cfg; 224 without one)."""
-    _, height, width = resolve_model_data_config(model)['input_size']
-    if img_size is not None:
-        if img_size < 1:
-            raise ValueError(f'img_size={img_size} must be at least 1')
-        height = width = img_size
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (first_conv.in_channels if first_conv is not None else 3), height, width
-
-
-def _export_onnx(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:
-    example = torch.randn(batch_size or TRACE_BATCH, *input_size)
-    dynamic_shapes = None if batch_size else ({0: torch.export.Dim('batch', min=1)},)
-    with _quiet():
-        try:
-            torch.onnx.export(
-                graph, (example,), str(path), dynamo=True, external_data=False, optimize=True,
-                input_names=['input'], output_names=['output'], dynamic_shapes=dynamic_shapes, verbose=False)
-        except Exception as e:  # torch.export's and onnxscript's errors are pages long
-            raise ExportError(f'torch.onnx.export failed: {first_line(e)}') from e
-
-
-def _export_openvino(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:
-    import openvino
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix='.onnx-') as tmp:
-        onnx_path = Path(tmp) / 'model.onnx'
-        _export_onnx(graph, onnx_path, input_size, batch_size)
-        ov_model = openvino.convert_model(str(onnx_path))
-    openvino.save_model(ov_model, str(path), compress_to_fp16=False)
-
-
-def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...]) -> float:
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = reference(x)
-    try:
-        actual = torch.from_numpy(load_runner(runtime, path)(x.numpy()))
-    except Exception as e:
-        raise ExportCheckError(f'{runtime} could not run the exported {path.name}: {first_line(e)}') from e
-    if actual.shape != expected.shape:
-        raise ExportCheckError(
-            f'{runtime} output has shape {tuple(actual.shape)} at batch {shape[0]}, eager PyTorch {tuple(expected.shape)}')
-    error = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-    if not error <= TOLERANCE:  # also catches NaN
-        raise ExportCheckError(
-            f'{runtime} output differs from eager PyTorch by {error:.1e} (relative) at batch {shape[0]}, '
-            f'more than {TOLERANCE:.0e}: export removed')
-    return error
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx.export narrates its steps and warns about internals a user cannot act on."""
-    logger = logging.getLogger('torch.onnx')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            yield
-    finally:
-        logger.setLevel(level)
-
+        config = json.loads(config_path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not valid JSON ({first_line(e)}); write the folder again with '
+                         f'timm-epsa convert') from None
+    name = config.get('architecture') if isinstance(config, dict) else None
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{path} holds {name!r}, not an EPSANet variant ({', '.join(MODEL_NAMES)})")
+    if not (path / WEIGHTS_NAME).is_file():
+        raise ValueError(f'{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}; write the folder again with timm-epsa '
+                         f'convert')
+    model = timm.create_model(f'local-dir:{path}', pretrained=True).eval()
+    return model, name, f'weights from the folder {path}'

@@ -29,8 +29,8 @@ from timm.models import (
     build_model_with_cfg, clean_state_dict, generate_default_cfgs, list_models, register_model, split_model_name_tag)
 from timm.models.resnet import ResNet
 
-from ..checkpoint import check_fits
-from ..hub_repos import registered_repo_id
+from ..hub.checkpoint import check_fits
+from ..hub.repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_model_args', 'check_model_name']
@@ -220,7 +220,7 @@ def check_model_name(value: str) -> str:
     return value
 
 # A tag has a Hub repo, and timm lists it as pretrained, only where weights can exist: see
-# timm_epsa.hub_repos (read here, when the models register).
+# timm_epsa.hub.repos (read here, when the models register).
 default_cfgs = generate_default_cfgs({
     f'{name}.in1k': _cfg(hf_hub_id=registered_repo_id(name, 'in1k')) for name in MODEL_NAMES
 })

@@ -26,7 +26,7 @@ from torch import nn
 
 from timm.models import save_for_hf
 
-from .hub import CONFIG_NAME
+from .pretrained import CONFIG_NAME
 
 __all__ = ['ARGS_TRANSFORMERS_PASSES', 'save_for_hub', 'transformers_compatible']
 

@@ -1,7 +1,7 @@
-"""Model cards for the Hub: the package's ``hub_cards/model_card.md`` rendered for one variant.
+"""Model cards for the Hub: ``card_templates/model_card.md`` beside this module rendered for one variant.
 
 One Jinja template serves the four variants; what differs between them (title, the paper's row,
-whether it is a Large variant) is in ``hub_cards/variants.json`` beside it, and what can be
+whether it is a Large variant) is in ``card_templates/variants.json``, and what can be
 measured (parameters, MACs, PSA layout) is measured. The repo's top-level ``hub_cards/`` holds the
 four cards as rendered here. The YAML header is written by huggingface_hub's
 ``ModelCardData``, so its keys and its ``model-index`` are the ones the Hub reads.
@@ -13,12 +13,12 @@ from typing import Any, Dict, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .escaping import code_block
-from .measure import ModelFacts
+from ..escaping import code_block
+from ..models.measure import ModelFacts
 
 __all__ = ['CardDataset', 'IMAGENET_1K', 'card_repo_id', 'render_model_card', 'variant_info']
 
-_CARDS = files('timm_epsa') / 'hub_cards'
+_CARDS = files('timm_epsa.hub') / 'card_templates'
 _TITLE = '# Model card for '  # the template's first heading, followed by the repo id
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
-from .escaping import first_line, one_line, utf8_path_problem
+from ..escaping import first_line, one_line, utf8_path_problem
 
 __all__ = [
     'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',

@@ -1,8 +1,8 @@
 """``timm-epsa convert``: a training checkpoint becomes a Hub-ready folder.
 
-The checkpoint is read without running its code (:mod:`timm_epsa.checkpoint`), checked against the
+The checkpoint is read without running its code (:mod:`timm_epsa.hub.checkpoint`), checked against the
 architecture (names, shapes, kinds and values of its tensors, the preprocessing it records), loaded
-into the model and written as a Hub folder (:mod:`timm_epsa.hub_folder`), which is loaded back and
+into the model and written as a Hub folder (:mod:`timm_epsa.hub.folder`), which is loaded back and
 compared with the source before it takes OUT_DIR's place (:mod:`timm_epsa.staging`, which also
 locks OUT_DIR for the whole run). What the checkpoint records reaches the model card escaped
 (:mod:`timm_epsa.escaping`).
@@ -16,14 +16,14 @@ from typing import Callable, Optional, Tuple, Union
 import timm
 from torch import nn
 
-from . import __version__
+from .. import __version__
+from ..escaping import code_span, shell_word
+from ..models.epsanet import MODEL_NAMES
+from ..models.measure import ModelFacts
+from ..staging import staged_folder
 from .checkpoint import Checkpoint, check_fits, check_values, read_checkpoint, recorded_data_config
-from .escaping import code_span, shell_word
-from .hub_folder import write_hub_folder
-from .hub_repos import check_repo_id, hub_repo_id
-from .measure import ModelFacts
-from .models.epsanet import MODEL_NAMES
-from .staging import staged_folder
+from .folder import write_hub_folder
+from .repos import check_repo_id, hub_repo_id
 
 __all__ = ['ConvertedFolder', 'convert_checkpoint', 'model_from_checkpoint']
 

@@ -21,7 +21,7 @@ from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntry
 from huggingface_hub.file_download import REGEX_SHA256
 from huggingface_hub.utils.sha import sha_fileobj
 
-from .escaping import first_line
+from ..escaping import first_line
 
 try:
     from httpx2 import TransportError  # how huggingface_hub 2.x fails when the network does

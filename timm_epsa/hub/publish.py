@@ -4,11 +4,11 @@ from typing import Optional, Union
 
 from huggingface_hub import CommitInfo, HfApi, constants
 
-from . import __version__
+from .. import __version__
+from ..escaping import first_line
 from .cards import card_repo_id
-from .escaping import first_line
-from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-from .hub_download import TransportError, check_revision
+from .download import TransportError, check_revision
+from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ['push_folder']
 

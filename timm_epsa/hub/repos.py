@@ -5,7 +5,7 @@ tag points at a Hub repo only where weights can exist for this user: in the name
 ``$TIMM_EPSA_HUB_NAMESPACE`` names (someone who published their own), or in the project's namespace
 for the tags listed in :data:`PUBLISHED` (none yet). Elsewhere the tag keeps its metadata and
 timm does not list it as pretrained. This module holds only names: the models read it when they
-register, :mod:`timm_epsa.hub` when it loads.
+register, :mod:`timm_epsa.hub.pretrained` when it loads.
 """
 import os
 from typing import FrozenSet, Optional
@@ -13,7 +13,7 @@ from typing import FrozenSet, Optional
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .escaping import first_line
+from ..escaping import first_line
 
 __all__ = [
     'DEFAULT_NAMESPACE', 'DEFAULT_TAG', 'NAMESPACE_ENV', 'PUBLISHED', 'check_repo_id', 'configured_namespace',

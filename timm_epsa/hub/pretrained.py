@@ -7,7 +7,7 @@ that one call, for EPSANet architectures only, with these rules:
 
 * from the Hub, weights come only as ``model.safetensors``: timm would otherwise fall back to a
   pickle (``pytorch_model.bin``);
-* they are fetched by :func:`timm_epsa.hub_download.download`: a path-like revision is refused, a
+* they are fetched by :func:`timm_epsa.hub.download.download`: a path-like revision is refused, a
   Hub that does not answer fails within ``HF_HUB_ETAG_TIMEOUT`` (10 s) instead of minutes, and the
   file must match the sha256 the Hub states for it; timm then loads and adapts them as usual;
 * a load that cannot succeed (no weights published, a missing, private or gated repo, offline
@@ -21,7 +21,7 @@ refuses a path-like revision (the one change this package makes to other models'
 ``model_args`` of an EPSANet config.json are checked before timm passes them on.
 
 Where the weights come from is decided by timm (``_resolve_pretrained_source``); this module asks
-it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.publish`.
+it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.hub.publish`.
 """
 import functools
 import inspect
@@ -45,12 +45,12 @@ import timm
 from timm.models import _builder, _hub
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
+from ..escaping import first_line
+from ..models.epsanet import MODEL_NAMES, check_model_args
 from .checkpoint import CheckpointMismatchError
-from .escaping import first_line
-from .hub_download import (
+from .download import (
     HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
-from .hub_repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
-from .models.epsanet import MODEL_NAMES, check_model_args
+from .repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
 
 __all__ = ['CARD_NAME', 'CONFIG_NAME', 'PretrainedWeightsError', 'WEIGHTS_NAME', 'cached_weights', 'install']
 

@@ -1,8 +1,8 @@
 """A model as a folder the Hub serves and timm loads: ``model.safetensors``, ``config.json`` and a card.
 
 ``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, adjusted so
-that transformers loads the folder too (:mod:`timm_epsa.hub_config`); ``timm.create_model('hf-hub:<repo>')``
-reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.cards`. A folder
+that transformers loads the folder too (:mod:`timm_epsa.hub.config_json`); ``timm.create_model('hf-hub:<repo>')``
+reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.hub.cards`. A folder
 is checked by loading it back the way users will.
 """
 import os
@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..models.measure import ModelFacts, measure_model
 from .cards import IMAGENET_1K, CardDataset, render_model_card
-from .hub import CARD_NAME
-from .hub_config import save_for_hub
-from .measure import ModelFacts, measure_model
+from .config_json import save_for_hub
+from .pretrained import CARD_NAME
 
 __all__ = ['HubFolderError', 'verify_hub_folder', 'write_hub_folder']
 
