@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from huggingface_hub import constants
 
 import timm_epsa  # noqa: F401  registers the models
 from timm_epsa.models.epsanet import MODEL_NAMES
-from timm.models import save_for_hf
+from timm.models import _builder, _hub, save_for_hf
 from timm_epsa.hub import PretrainedWeightsError, cached_weights
 from timm_epsa.hub.download import InvalidRevisionError
 from timm_epsa.hub.repos import NAMESPACE_ENV, hub_namespace
@@ -304,14 +305,52 @@ def test_config_json_model_args_epsanet_cannot_take_are_refused_naming_them(conv
         timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
 
 
-def test_a_rule_whose_timm_function_is_gone_is_left_out_with_a_warning(monkeypatch):
-    """The rules wrap private timm functions: a timm release without one costs that rule, not the import."""
-    # timm as it is before the rules are attached, less one of the functions they wrap
-    for module, name in ((timm.models._builder, 'load_pretrained'), (timm.models._hub, 'download_from_hf')):
+_WRAPPED = ((_builder, 'load_pretrained'), (_hub, 'download_from_hf'), (_hub, '_parse_model_cfg'))
+
+
+def _timm_before_install(monkeypatch):
+    """timm's functions as they are before the rules are attached."""
+    for module, name in _WRAPPED:
         monkeypatch.setattr(module, name, getattr(module, name).__wrapped__)
-    monkeypatch.delattr(timm.models._hub, '_parse_model_cfg')
-    with pytest.warns(RuntimeWarning, match=r'has no timm\.models\._hub\._parse_model_cfg; pretrained=True on EPSANet'):
+
+
+def _load_pretrained_without_filter_fn(model, pretrained_cfg=None, num_classes=1000, in_chans=3, strict=True):
+    raise AssertionError('not called in these tests')
+
+
+def _download_from_hf_by_repo(filename, repo_id, cache_dir=None):
+    raise AssertionError('not called in these tests')
+
+
+@pytest.mark.parametrize('change, left_out, message', [
+    (lambda m: m.delattr(_hub, '_parse_model_cfg'), ['_parse_model_cfg'], r'timm\.models\._hub\._parse_model_cfg is gone'),
+    (lambda m: m.delattr(_builder, '_resolve_pretrained_source'), ['load_pretrained'],
+     r'timm\.models\._builder has no _resolve_pretrained_source'),
+    (lambda m: m.setattr(_builder, 'load_pretrained', _load_pretrained_without_filter_fn), ['load_pretrained'],
+     r'load_pretrained takes \(model, pretrained_cfg, num_classes, in_chans, strict\) where the rule needs '
+     r'\(model, pretrained_cfg, \.\.\.\) with num_classes, filter_fn'),
+    (lambda m: m.setattr(_hub, 'download_from_hf', _download_from_hf_by_repo), ['download_from_hf'],
+     r'download_from_hf takes \(filename, repo_id, cache_dir\) where the rule needs \(model_id, \.\.\.\)'),
+    (lambda m: m.setattr(_hub, '_parse_model_cfg', 42), ['_parse_model_cfg'], r'_parse_model_cfg has no readable signature'),
+    (lambda m: (m.setattr(_builder, 'load_pretrained', _load_pretrained_without_filter_fn),
+                m.setattr(_hub, 'download_from_hf', _download_from_hf_by_repo)),
+     ['load_pretrained', 'download_from_hf'], r'load_pretrained takes .*; timm\.models\._hub\.download_from_hf takes'),
+
+], ids=['gone', 'what-it-calls-gone', 'parameter-gone', 'first-parameter-renamed', 'no-signature', 'two-changed'])
+def test_a_timm_function_of_another_shape_is_left_as_timm_has_it_with_one_warning(monkeypatch, change, left_out, message):
+    """The rules wrap private timm functions: a timm release that changes one costs that rule, with one
+    warning, never `import timm` (install runs inside it) nor a wrapper calling timm the old way."""
+    _timm_before_install(monkeypatch)
+    change(monkeypatch)
+    before = {name: getattr(module, name, None) for module, name in _WRAPPED}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         timm_epsa.hub.install()
-    # the others are attached all the same
-    assert timm.models._builder.load_pretrained._timm_epsa_rules
-    assert timm.models._hub.download_from_hf._timm_epsa_rules
+    shown = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(shown) == 1 and re.search(message, shown[0]), shown
+    for module, name in _WRAPPED:
+        now = getattr(module, name, None)
+        if name in left_out:
+            assert now is before[name]  # as timm has it
+        else:
+            assert now._timm_epsa_rules  # the others are attached all the same

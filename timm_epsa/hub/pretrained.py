@@ -20,13 +20,23 @@ known, through timm's ``download_from_hf``: there, for every architecture, :func
 refuses a path-like revision (the one change this package makes to other models' loading); the
 ``model_args`` of an EPSANet config.json are checked before timm passes them on.
 
+Why these wrappers see every model and cannot see fewer: timm has no per-model hook where weights
+or config.json are loaded (``build_model_with_cfg`` calls the module-level ``load_pretrained``), and
+it downloads and parses a repo's config.json before it knows the architecture. The revision check
+must run before huggingface_hub turns the revision into a path, so it cannot wait for the
+architecture; it refuses only revisions that would leave the cache. The other two hand every other
+architecture to timm unchanged after one name lookup. Each wrapped function is checked at
+:func:`install` against the shape its wrapper relies on, so a timm release that changes one costs
+that rule (with a warning), never ``import timm``.
+
 Where the weights come from is decided by timm (``_resolve_pretrained_source``); this module asks
 it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.hub.publish`.
 """
 import functools
 import inspect
 import warnings
-from typing import Any, Callable, Dict, Optional
+from types import ModuleType
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import safetensors.torch
 from huggingface_hub import constants, try_to_load_from_cache
@@ -74,23 +84,62 @@ def install() -> None:
     only) and the revision check to its config.json download (every architecture: the revision is
     the user's input before any architecture is known). Idempotent.
 
-    These are private names of timm: where a timm release lacks one, that rule is left out with a
-    warning, and the models still register and load through timm's own path.
+    These are private functions of timm: each is first checked to still take the parameters its
+    wrapper binds and to sit beside the names it calls. One that does not (a timm release changed
+    it) is left as timm has it, and one ``RuntimeWarning`` names every rule left out; the models
+    still register and load through timm's own path. Nothing here raises: it runs inside
+    ``import timm``.
     """
-    for module, name, wrap in (
-            (_builder, 'load_pretrained', _with_epsanet_rules),
-            (_hub, 'download_from_hf', _with_revision_checked),
-            (_hub, '_parse_model_cfg', _with_model_args_checked),
-    ):
-        original = getattr(module, name, None)
-        if original is None:
-            warnings.warn(
-                f'timm-epsa: this timm ({timm.__version__}) has no {module.__name__}.{name}; pretrained=True on '
-                f'EPSANet works without the rule attached there (see timm_epsa.hub)', RuntimeWarning)
-        elif not getattr(original, '_timm_epsa_rules', False):
-            wrapped = wrap(original)
-            wrapped._timm_epsa_rules = True
-            setattr(module, name, wrapped)
+    changed = []
+    for rule in _RULES:
+        original = getattr(rule.module, rule.name, None)
+        if getattr(original, '_timm_epsa_rules', False):
+            continue
+        problem = _shape_problem(rule, original)
+        if problem:
+            changed.append(problem)
+            continue
+        wrapped = rule.wrap(original)
+        wrapped._timm_epsa_rules = True
+        setattr(rule.module, rule.name, wrapped)
+    if changed:
+        warnings.warn(
+            f"timm-epsa: this timm ({timm.__version__}) changed functions timm-epsa wraps: {'; '.join(changed)}. "
+            f'Those rules are left out (see timm_epsa.hub.pretrained): pretrained=True on EPSANet loads through '
+            f"timm's own path without them. Install a timm-epsa release made for this timm.", RuntimeWarning)
+
+
+class _Rule(NamedTuple):
+    """A private timm function a wrapper replaces, and what of its shape the wrapper relies on."""
+
+    module: ModuleType
+    name: str
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    leading: Tuple[str, ...]  # the parameters the wrapper takes by position, first and in this order
+    reads: Tuple[str, ...] = ()  # parameters the wrapper reads or replaces in the bound call
+    calls: Tuple[str, ...] = ()  # other functions of ``module`` the wrapper calls
+
+
+def _shape_problem(rule: _Rule, original: Optional[Callable[..., Any]]) -> Optional[str]:
+    """What about ``original`` differs from what ``rule`` relies on, in a few words; None if nothing."""
+    where = f'{rule.module.__name__}.{rule.name}'
+    if original is None:
+        return f'{where} is gone'
+    try:
+        parameters = inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        return f'{where} has no readable signature'
+    positional = [
+        name for name, parameter in parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+    missing = [name for name in rule.reads if name not in parameters]
+    if tuple(positional[:len(rule.leading)]) != rule.leading or missing:
+        needs = f"({', '.join(rule.leading)}, ...)" + (f" with {', '.join(rule.reads)}" if rule.reads else '')
+        return f"{where} takes ({', '.join(parameters)}) where the rule needs {needs}"
+    gone = [name for name in rule.calls if not callable(getattr(rule.module, name, None))]
+    if gone:
+        return f"{rule.module.__name__} has no {', '.join(gone)}"
+    return None
 
 
 def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[..., None]:
@@ -170,8 +219,8 @@ def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callab
     """timm's config.json parsing, for EPSANet also checking the ``model_args`` that
     ``create_model`` will pass on: the ones it sets itself would reach the model twice."""
     @functools.wraps(timm_parse_model_cfg)
-    def parse_model_cfg(cfg: Dict[str, Any], extra_fields: Dict[str, Any]):
-        pretrained_cfg, model_name, model_args = timm_parse_model_cfg(cfg, extra_fields)
+    def parse_model_cfg(cfg: Dict[str, Any], *args, **kwargs):
+        pretrained_cfg, model_name, model_args = timm_parse_model_cfg(cfg, *args, **kwargs)
         if model_name in MODEL_NAMES:
             where = f"config.json's model_args for {model_name}"
             repeated = [name for name in _SET_BY_CREATE_MODEL if name in (model_args or {})]
@@ -183,6 +232,14 @@ def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callab
         return pretrained_cfg, model_name, model_args
 
     return parse_model_cfg
+
+
+_RULES = (
+    _Rule(_builder, 'load_pretrained', _with_epsanet_rules, leading=('model', 'pretrained_cfg'),
+          reads=('num_classes', 'filter_fn'), calls=('_resolve_pretrained_source',)),
+    _Rule(_hub, 'download_from_hf', _with_revision_checked, leading=('model_id',)),
+    _Rule(_hub, '_parse_model_cfg', _with_model_args_checked, leading=('cfg',)),
+)
 
 
 def _no_weights(model_name: str, tag: Optional[str]) -> str:
