@@ -1,6 +1,9 @@
 """The ``timm-epsa`` command: convert, push, info, card, and the model cards in hub_cards/."""
 import argparse
+import importlib.metadata
 import json
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -320,3 +323,42 @@ def test_unknown_model_is_a_usage_error(capsys):
         cli.main(['info', 'resnet50'])
     assert exit_.value.code == 2
     assert "unknown model 'resnet50'; choose from epsanet50" in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys):
+    """`timm-epsa --version`, and the installed metadata carries the same version (one source)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(['--version'])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f'timm-epsa {timm_epsa.__version__}\n'
+    assert importlib.metadata.version('timm-epsa') == timm_epsa.__version__
+
+
+@pytest.mark.parametrize('error', [
+    PermissionError(13, 'Permission denied', '/srv/models/out'),
+    FileNotFoundError(2, 'No such file or directory', '/srv/models/missing.pth'),
+], ids=['permission', 'missing'])
+def test_an_os_error_of_the_user_is_one_line(capsys, monkeypatch, error):
+    """Only a closed output pipe ends quietly: other OSErrors are the user's to fix."""
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, '_info', fail)
+    status, _, err = run_cli(capsys, 'info')
+    assert status == 1
+    assert_one_line_error(err, 'info', f'{error.strerror}: {error.filename!r}')
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_the_command_quietly_as_sigpipe_ends_a_unix_tool():
+    """`timm-epsa info | head -1`: no error text, no traceback, and the status SIGPIPE gives."""
+    command = [sys.executable, '-m', 'timm_epsa', 'info', 'epsanet50']
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write, whatever the timing
+    try:
+        closed = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (closed.returncode, closed.stderr) == (128 + signal.SIGPIPE, '')
+    piped = subprocess.run(['sh', '-c', f'{shlex.join(command)} | head -1'], capture_output=True, text=True, timeout=120)
+    assert (piped.returncode, piped.stdout.split(), piped.stderr) == (
+        0, ['model', 'params', '(M)', 'GMACs', 'input', 'pretrained', 'tag', 'Hub', 'repo', 'local', 'cache'], '')

@@ -6,9 +6,12 @@ runs it; listing one in ``COMMANDS`` adds it to the command. This module only pa
 prints: the work is done in :mod:`timm_epsa.hub` (convert, push, info, card), :mod:`timm_epsa.deploy`
 (export), :mod:`timm_epsa.models.measure` and :mod:`timm_epsa.quickstart`. Errors a user can
 act on print as one line (whatever a checkpoint or a path put in them) and exit with status 1;
-Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
+Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143. Output read by a
+reader that stops early (``timm-epsa info | head -1``) ends the command quietly with status 141, as
+SIGPIPE ends a Unix tool.
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -18,6 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 from huggingface_hub.errors import HfHubHTTPError
 from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
+from . import __version__
 from .deploy import RUNTIMES, ExportError
 from .deploy.export import OPENVINO_FILES, export
 from .deploy.forms import OPENVINO
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'checkpoints to Hub-ready safetensors folders, publish them on the Hugging Face Hub, and '
                     'describe the variants.',
     )
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for add_command in COMMANDS:
         add_command(subparsers)
@@ -307,6 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with _sigterm_as_interrupt():
             args.run(args)
+            sys.stdout.flush()  # here, where a reader that has gone can still be told from an error
+    except BrokenPipeError:  # whoever read the output stopped (`| head`): nothing to say, as a Unix tool
+        _discard_output()
+        return 128 + signal.SIGPIPE  # the shell's status for a tool SIGPIPE ends
     except USER_ERRORS as e:
         print(f'timm-epsa {args.command}: error: {one_line(str(e))}', file=sys.stderr)
         return 1
@@ -315,6 +324,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"timm-epsa {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's status for the signal
     return 0
+
+
+def _discard_output() -> None:
+    """Point stdout and stderr at the null device, so that what Python still flushes at exit into the
+    closed pipe raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):  # a stream replaced by one without a file descriptor
+            pass
+    os.close(devnull)
 
 
 class _Terminated(KeyboardInterrupt):
