@@ -146,6 +146,7 @@ def test_bad_options_are_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize('force', [False, True])
 def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
+    pytest.importorskip('openvino')  # a runtime that is not installed is refused first
     checkpoint = tmp_path / 'run' / 'model_best.pth.tar'
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b'my weights')
@@ -157,6 +158,8 @@ def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
 
 
 def test_options_that_do_not_fit_the_source_or_runtime_are_refused(converted, tmp_path, capsys):
+    for runtime in ('onnxruntime', 'openvino'):  # a runtime that is not installed is refused first
+        pytest.importorskip(runtime)
     _, folder, _ = converted
     for args, fragments in [
         (['epsanet50', tmp_path / 'ir.xml', '--runtime', 'openvino'], ('is a folder for openvino', f"{tmp_path / 'ir'}-ir")),

@@ -56,10 +56,11 @@ def write_hub_folder(
     try:
         save_for_hub(model, folder)  # timm's save_for_hf, config.json loadable by transformers too
     except SafetensorError as e:  # safetensors reports a failed write (a full disk) in its own words
-        code = re.search(r'os error (\d+)', str(e))
+        # the errno as Rust shows an io::Error: "os error 28" (safetensors >= 0.6), "Os { code: 28, ..." before
+        code = re.search(r'os error (\d+)|Os \{ code: (\d+)', str(e))
         if code is None:
             raise
-        number = int(code.group(1))
+        number = int(code.group(1) or code.group(2))
         raise OSError(number, os.strerror(number), str(folder / 'model.safetensors')) from e
     card = render_model_card(
         model_name,
