@@ -3,7 +3,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -350,15 +349,13 @@ def test_an_os_error_of_the_user_is_one_line(capsys, monkeypatch, error):
 
 @pytest.mark.slow
 def test_a_reader_that_stops_early_ends_the_command_quietly_as_sigpipe_ends_a_unix_tool():
-    """`timm-epsa info | head -1`: no error text, no traceback, and the status SIGPIPE gives."""
-    command = [sys.executable, '-m', 'timm_epsa', 'info', 'epsanet50']
+    """`timm-epsa info | head -1`: no error text, no traceback, and the status SIGPIPE gives (the
+    shell's pipeline gives head's status, 0)."""
     read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the first write, whatever the timing
+    os.close(read_end)  # the reader is gone before the first write, whatever the timing (head's is not)
     try:
-        closed = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+        closed = subprocess.run([sys.executable, '-m', 'timm_epsa', 'info', 'epsanet50'],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write_end)
     assert (closed.returncode, closed.stderr) == (128 + signal.SIGPIPE, '')
-    piped = subprocess.run(['sh', '-c', f'{shlex.join(command)} | head -1'], capture_output=True, text=True, timeout=120)
-    assert (piped.returncode, piped.stdout.split(), piped.stderr) == (
-        0, ['model', 'params', '(M)', 'GMACs', 'input', 'pretrained', 'tag', 'Hub', 'repo', 'local', 'cache'], '')
