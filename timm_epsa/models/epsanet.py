@@ -211,6 +211,8 @@ MODEL_NAMES = ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
 def check_model_name(value: str) -> str:
     """``value`` if it is a variant's name or ``<name>.<tag>`` with one of its tags; otherwise a
     ValueError naming the choices (timm's own error for a bad tag is a RuntimeError deep in a build)."""
+    if not isinstance(value, str):
+        raise TypeError(f"model_name={value!r} is not a model name; choose from {', '.join(MODEL_NAMES)}")
     name, tag = split_model_name_tag(value)
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
