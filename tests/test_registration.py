@@ -290,3 +290,24 @@ def test_ddp_gloo_two_ranks_all_reduce_gradients(wheel_env):
     assert state['block'] == 'timm_epsa.models.epsanet'
     assert state['ranks_agree'] and state['ranks_differ_locally']
     assert state['mean_error'] < 1e-5
+
+
+def test_without_site_import_timm_epsa_registers_the_models_where_the_package_is_importable(installed, source):
+    """`python -S` runs no .pth file: not the hook, and for an editable install not setuptools'
+    finder either, which is what makes its timm_epsa importable (docs/registration.md)."""
+    editable = installed.package_home == source
+    site_dirs = [installed.site_packages(), *(p for p in sys.path if Path(p).name in ('site-packages', 'dist-packages'))]
+    code = 'import json, sys, timm, timm_epsa; print(json.dumps([sys.flags.no_site, timm.list_models("epsanet*")]))'
+
+    def run_without_site(*path: str) -> subprocess.CompletedProcess:
+        env = {**{k: v for k, v in os.environ.items() if k != 'TIMM_EPSA_AUTOLOAD'},
+               'PYTHONPATH': os.pathsep.join(path), 'OMP_NUM_THREADS': '1'}
+        return subprocess.run([installed.python, '-S', '-c', code], cwd=installed.workdir, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    result = run_without_site(*site_dirs)
+    if editable:
+        assert result.returncode != 0 and "No module named 'timm_epsa'" in result.stderr, result.stderr
+        result = run_without_site(str(source), *site_dirs)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1, EPSANETS]
