@@ -277,7 +277,8 @@ def test_push_to_an_invalid_repo_id_says_the_id_is_invalid(converted, capsys, fa
     _, folder, _ = converted
     status, _, err = run_cli(capsys, 'push', folder, repo_id)
     assert status == 1
-    assert_one_line_error(err, 'push', f'REPO_ID {repo_id!r} is not a repo id the Hub accepts (', 'e.g. me/epsanet50.in1k')
+    assert_one_line_error(
+        err, 'push', f'REPO_ID {repo_id!r} is not a repo id the Hub accepts (', 'e.g. me/epsanet50.in1k')
     assert 'written for' not in err and fake_hub_api == []
 
 

@@ -206,7 +206,8 @@ def test_bad_backbone_arguments_are_refused_in_one_line(kwargs, error, message):
 @pytest.mark.parametrize('build, kwargs, error, message', [
     (fasterrcnn_epsanet_fpn, dict(num_classes=0), ValueError,
      r'fasterrcnn_epsanet_fpn: num_classes=0 is out of range; pass an int of at least 2'),
-    (maskrcnn_epsanet_fpn, dict(num_classes=1), ValueError, r'num_classes=1 is out of range; pass an int of at least 2'),
+    (maskrcnn_epsanet_fpn, dict(num_classes=1), ValueError,
+     r'num_classes=1 is out of range; pass an int of at least 2'),
     (retinanet_epsanet_fpn, dict(num_classes=0), ValueError,
      r'retinanet_epsanet_fpn: num_classes=0 is out of range; pass an int of at least 1'),
     (fasterrcnn_epsanet_fpn, dict(num_classes=2.5), TypeError, r'num_classes=2\.5 is not a whole number'),

@@ -228,11 +228,13 @@ def test_a_training_step_on_an_empty_batch_gives_zero_gradients(memory_format):
 
 @pytest.mark.parametrize('kwargs, error, message', [
     (dict(block='NoSuchBlock'), ValueError, "epsanet50 arguments: block='NoSuchBlock' is not a block class"),
-    (dict(act_layer='nosuchact'), ValueError, "epsanet50 arguments: act_layer='nosuchact' is not an activation timm knows"),
+    (dict(act_layer='nosuchact'), ValueError,
+     "epsanet50 arguments: act_layer='nosuchact' is not an activation timm knows"),
     # each used to fail deep in ResNet, or to build another network than asked without a word
     (dict(act_layer=nn.GELU), TypeError, "act_layer=<class 'torch.nn.modules.activation.GELU'> does not build an "
                                          "activation module as ResNet builds it, act_layer(inplace=True)"),
-    (dict(num_classes=-1), ValueError, 'epsanet50 arguments: num_classes=-1 is out of range; pass an int of at least 0'),
+    (dict(num_classes=-1), ValueError,
+     'epsanet50 arguments: num_classes=-1 is out of range; pass an int of at least 0'),
     (dict(num_classes=2.5), TypeError, 'num_classes=2.5 is not a whole number'),
     (dict(in_chans=0), ValueError, 'in_chans=0 is out of range; pass an int of at least 1'),
     (dict(layers=(1, 1, 1)), ValueError, 'layers=(1, 1, 1) must give the blocks of each of the 4 stages'),

@@ -55,8 +55,9 @@ def test_no_activation_is_none():
     # callables that make no activation module: used to fail inside timm's create_act_layer
     (nn.Linear, TypeError, r"act_layer=<class 'torch\.nn\.modules\.linear\.Linear'> does not build an activation "
                            r"module when called without arguments \(Linear\.__init__\(\) missing 2 required"),
-    (torch.relu, TypeError, r'act_layer=<built-in method relu .*> does not build an activation module .*; pass a '
-                            r"name timm knows \(e\.g\. 'relu', 'silu', 'gelu'\) or an nn\.Module class such as nn\.ReLU"),
+    (torch.relu, TypeError, r'act_layer=<built-in method relu .*> does not build an activation module .*; pass '
+                            r"a name timm knows \(e\.g\. 'relu', 'silu', 'gelu'\) or an nn\.Module class such as "
+                            r'nn\.ReLU'),
     (lambda: F.relu, TypeError, r'act_layer=<function .*> does not build an activation module when called without '
                                 r'arguments, it returns function'),
 ])

@@ -104,9 +104,11 @@ def test_official_parameter_names_and_shapes():
      'kernel_sizes=() is empty; pass ints of at least 1, one odd kernel size per branch'),
     (dict(in_chs=64, out_chs=64, stride=0), ValueError, 'stride=0 is out of range; pass an int of at least 1'),
     (dict(in_chs=64, out_chs=64, reduction=32), ValueError, 'leaves no hidden channel; use a reduction from 1 to 16'),
-    (dict(in_chs=64, out_chs=64, reduction=0), ValueError, 'SEWeight: reduction=0 is out of range; pass an int of at least 1'),
+    (dict(in_chs=64, out_chs=64, reduction=0), ValueError,
+     'SEWeight: reduction=0 is out of range; pass an int of at least 1'),
     # sizes of zero or less: PSA(0, 64) used to build a layer that outputs zeros
-    (dict(in_chs=0, out_chs=64), ValueError, 'PyramidSqueezeAttention: in_chs=0 is out of range; pass an int of at least 1'),
+    (dict(in_chs=0, out_chs=64), ValueError,
+     'PyramidSqueezeAttention: in_chs=0 is out of range; pass an int of at least 1'),
     (dict(in_chs=64, out_chs=-64), ValueError, 'out_chs=-64 is out of range; pass an int of at least 1'),
     # values of the wrong kind: each used to fail inside torch, or (True) to be taken as 1
     (dict(in_chs=64, out_chs=64, stride=(2, 2)), TypeError,

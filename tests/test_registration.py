@@ -296,8 +296,10 @@ def test_without_site_import_timm_epsa_registers_the_models_where_the_package_is
     """`python -S` runs no .pth file: not the hook, and for an editable install not setuptools'
     finder either, which is what makes its timm_epsa importable (docs/registration.md)."""
     editable = installed.package_home == source
-    site_dirs = [installed.site_packages(), *(p for p in sys.path if Path(p).name in ('site-packages', 'dist-packages'))]
-    code = 'import json, sys, timm, timm_epsa; print(json.dumps([sys.flags.no_site, timm.list_models("epsanet*")]))'
+    deps = [p for p in sys.path if Path(p).name in ('site-packages', 'dist-packages')]
+    site_dirs = [installed.site_packages(), *deps]
+    # timm_epsa first: where it cannot be imported, the run fails before importing torch
+    code = 'import timm_epsa, json, sys, timm; print(json.dumps([sys.flags.no_site, timm.list_models("epsanet*")]))'
 
     def run_without_site(*path: str) -> subprocess.CompletedProcess:
         env = {**{k: v for k, v in os.environ.items() if k != 'TIMM_EPSA_AUTOLOAD'},

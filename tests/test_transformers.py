@@ -135,7 +135,8 @@ def test_a_config_edited_away_from_its_weights_is_refused_before_it_is_published
     folder = tmp_path / 'edited'
     shutil.copytree(two_block_folder, folder)
     config = json.loads((folder / 'config.json').read_text())
-    (folder / 'config.json').write_text(json.dumps({**config, 'model_args': {**config['model_args'], 'layers': layers}}))
+    model_args = {**config['model_args'], 'layers': layers}
+    (folder / 'config.json').write_text(json.dumps({**config, 'model_args': model_args}))
 
     _, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
     assert len(info[report]) == count and not any(info[k] for k in info if k != report)

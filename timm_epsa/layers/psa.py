@@ -177,7 +177,8 @@ def _psa_args(
     num_branches = len(kernel_sizes)
     if out_chs % num_branches:
         raise ValueError(
-            f'{where}: out_chs={out_chs} is not divisible by the {num_branches} branches; use a multiple of {num_branches}.')
+            f'{where}: out_chs={out_chs} is not divisible by the {num_branches} branches; use a multiple of '
+            f'{num_branches}.')
     branch_chs = out_chs // num_branches
     for k, g in zip(kernel_sizes, groups):
         if k % 2 == 0:

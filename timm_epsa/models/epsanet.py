@@ -176,7 +176,8 @@ def check_model_args(model_name: str, model_args: Dict[str, Any], where: str) ->
             whole_number(model_args[name], name, where, minimum=minimum)
     layers = model_args.get('layers')
     if layers is not None and len(whole_numbers(layers, 'layers', where, each='the blocks of each stage')) != 4:
-        raise ValueError(f'{where}: layers={tuple(layers)} must give the blocks of each of the 4 stages, e.g. (3, 4, 6, 3).')
+        raise ValueError(
+            f'{where}: layers={tuple(layers)} must give the blocks of each of the 4 stages, e.g. (3, 4, 6, 3).')
     output_stride = model_args.get('output_stride')
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ValueError(
