@@ -3,6 +3,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,43 @@ def test_push_refuses_before_contacting_the_hub(converted, capsys, tmp_path, fak
     status, _, err = run_cli(capsys, 'push', linked, 'timm-epsa/epsanet50.in1k')
     assert status == 1
     assert_one_line_error(err, 'push', 'model.safetensors is a symlink, not a file convert wrote; refusing to upload')
+    assert fake_hub_api == []
+
+
+@pytest.mark.parametrize('repo_id', ['bad id', 'me/too/deep'])
+def test_push_to_an_invalid_repo_id_says_the_id_is_invalid(converted, capsys, fake_hub_api, repo_id):
+    """Not that the card is for another repo (which it also is): the id comes first."""
+    _, folder, _ = converted
+    status, _, err = run_cli(capsys, 'push', folder, repo_id)
+    assert status == 1
+    assert_one_line_error(
+        err, 'push', f'REPO_ID {repo_id!r} is not a repo id the Hub accepts (', 'e.g. me/epsanet50.in1k')
+    assert 'written for' not in err and fake_hub_api == []
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda config: config.update(architecture='epsanet101'),
+     'model.safetensors does not fit the epsanet101 that {folder}/config.json describes: 425 missing: '
+     'layer3.6.conv1.weight'),
+    (lambda config: config.pop('architecture'),
+     "{folder}/config.json does not describe a model timm can build: it has no 'architecture'"),
+    (lambda config: config.update(model_args={'foo': 1}),
+     "{folder}/config.json does not describe a model timm can build: ResNet.__init__() got an unexpected keyword "
+     "argument 'foo'"),
+], ids=['architecture-swapped', 'no-architecture', 'unknown-model-arg'])
+def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
+        converted, capsys, tmp_path, fake_hub_api, edit, message):
+    """An architecture swapped in config.json: timm refuses the folder, transformers would load it
+    with random layers (tests/test_transformers.py); it is not published."""
+    _, folder, _ = converted
+    edited = tmp_path / 'edited'
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / 'config.json').read_text())
+    edit(config)
+    (edited / 'config.json').write_text(json.dumps(config))
+    status, _, err = run_cli(capsys, 'push', edited, 'timm-epsa/epsanet50.in1k')
+    assert status == 1
+    assert_one_line_error(err, 'push', message.format(folder=edited))
     assert fake_hub_api == []
 
 

@@ -291,6 +291,43 @@ def test_a_revision_that_is_a_path_is_refused_before_huggingface_hub_writes_it(c
     assert torch.equal(_outputs(model, x), _outputs(source, x))
 
 
+@pytest.mark.parametrize('source', ['local-dir', 'hf-hub'])
+def test_a_folder_whose_classifier_does_not_match_its_config_names_the_config_field(hub, tmp_path, source):
+    """The class count comes from the folder's config.json: that is what to fix, not a keyword of
+    create_model the folder's user never passed."""
+    folder = _ten_class_repo(None, tmp_path, None, None)
+    config = json.loads((folder / 'config.json').read_text())
+    model_args = {k: v for k, v in config['model_args'].items() if k != 'num_classes'}  # as convert writes it
+    (folder / 'config.json').write_text(json.dumps({**config, 'num_classes': 1000, 'model_args': model_args}))
+    hub.serve('lab/ten-classes', folder)
+    name = f'local-dir:{folder}' if source == 'local-dir' else 'hf-hub:lab/ten-classes'
+    where = f'{folder}/config.json' if source == 'local-dir' else "the config.json of Hub repo 'lab/ten-classes'"
+    with pytest.raises((PretrainedWeightsError, timm_epsa.hub.checkpoint.CheckpointMismatchError), match=re.escape(
+            f'their classifier fc.weight (10, 2048) is for 10 classes, but {where} says "num_classes": 1000: set it '
+            f'to 10 there, or pass num_classes=<your number of classes> for a new classifier')) as error:
+        timm.create_model(name, pretrained=True)
+    assert 'pretrained_cfg_overlay' not in str(error.value).split(' To get pretrained')[0]
+
+
+@pytest.mark.parametrize('file, message', [
+    ('missing.safetensors', "Cannot load pretrained weights from the cfg's file='missing.safetensors': "
+                            "missing.safetensors: no such file (relative to {cwd}); pass the path of a weights file"),
+    ('folder', "file='folder': folder is a folder; give the checkpoint file in it (.pth, .pth.tar, .safetensors); "
+               "or load the folder with timm.create_model('local-dir:folder', pretrained=True)"),
+    ('/dev/null', "file='/dev/null': /dev/null is not a regular file"),
+    ('empty.safetensors', 'The weights in empty.safetensors are not a valid safetensors file (Error while '
+                          'deserializing header: header too small): the file is damaged or not safetensors'),
+])
+def test_a_weights_file_in_the_overlay_that_is_none_is_refused_naming_it(tmp_path, monkeypatch, file, message):
+    """timm raised a FileNotFoundError without a message for a missing file and for a folder, and
+    safetensors' error for a damaged file names no file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'empty.safetensors').write_bytes(b'')
+    with pytest.raises(PretrainedWeightsError, match=re.escape(message.format(cwd=tmp_path))):
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=file))
+
+
 @pytest.mark.parametrize('model_args, message', [
     ({'pretrained': True}, "config.json's model_args for epsanet50 set pretrained, which timm.create_model sets "
                            "itself; remove it from config.json"),

@@ -338,3 +338,26 @@ def test_the_wheel_and_the_sdist_hold_what_a_release_needs(source, wheel, tmp_pa
     links = re.findall(r'\]\(([^)\s]+)\)', metadata.get_payload())
     assert 'docs/quickstart.md' in (REPO / 'README.md').read_text() and len(links) > 10
     assert [link for link in links if not link.startswith('https://')] == []
+
+
+def test_without_site_import_timm_epsa_registers_the_models_where_the_package_is_importable(installed, source):
+    """`python -S` runs no .pth file: not the hook, and for an editable install not setuptools'
+    finder either, which is what makes its timm_epsa importable (docs/registration.md)."""
+    editable = installed.package_home == source
+    deps = [p for p in sys.path if Path(p).name in ('site-packages', 'dist-packages')]
+    site_dirs = [installed.site_packages(), *deps]
+    # timm_epsa first: where it cannot be imported, the run fails before importing torch
+    code = 'import timm_epsa, json, sys, timm; print(json.dumps([sys.flags.no_site, timm.list_models("epsanet*")]))'
+
+    def run_without_site(*path: str) -> subprocess.CompletedProcess:
+        env = {**{k: v for k, v in os.environ.items() if k != 'TIMM_EPSA_AUTOLOAD'},
+               'PYTHONPATH': os.pathsep.join(path), 'OMP_NUM_THREADS': '1'}
+        return subprocess.run([installed.python, '-S', '-c', code], cwd=installed.workdir, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    result = run_without_site(*site_dirs)
+    if editable:
+        assert result.returncode != 0 and "No module named 'timm_epsa'" in result.stderr, result.stderr
+        result = run_without_site(str(source), *site_dirs)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1, EPSANETS]

@@ -27,8 +27,8 @@ from timm.models import load_state_dict
 from ..escaping import first_line, one_line, utf8_path_problem
 
 __all__ = [
-    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',
-    'recorded_data_config',
+    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_source', 'check_values',
+    'read_checkpoint', 'recorded_data_config',
 ]
 
 # Types a weights_only unpickler may build beyond tensors and builtin containers (timm allows the same).
@@ -80,7 +80,7 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
     which also refuses one that would run code.
     """
     path = Path(path)
-    _check_source(path)
+    check_source(path)
     record = {} if path.suffix == '.safetensors' else _read_record(path)
     has_ema = any(isinstance(record.get(key), dict) for key in _EMA_KEYS)
     if ema and not has_ema:
@@ -128,7 +128,8 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
     )
 
 
-def _check_source(path: Path) -> None:
+def check_source(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` names a regular file torch and safetensors can open."""
     problem = utf8_path_problem(str(path))
     if problem:
         raise CheckpointError(f'{problem}; rename the file')

@@ -3,7 +3,8 @@
 ``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, adjusted so
 that transformers loads the folder too (:mod:`timm_epsa.hub.config_json`); ``timm.create_model('hf-hub:<repo>')``
 reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.hub.cards`. A folder
-is checked by loading it back the way users will.
+is checked by loading it back the way users will, and before it is published its ``config.json`` is
+checked against its weights (:func:`check_config_fits_weights`).
 """
 import os
 import re
@@ -12,15 +13,17 @@ from typing import Callable, Dict, Optional
 
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..escaping import first_line
 from ..models.measure import ModelFacts, measure_model
 from .cards import IMAGENET_1K, CardDataset, render_model_card
+from .checkpoint import CheckpointError, CheckpointMismatchError, check_fits
 from .config_json import save_for_hub
-from .pretrained import CARD_NAME
+from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ['HubFolderError', 'verify_hub_folder', 'write_hub_folder']
+__all__ = ['HubFolderError', 'check_config_fits_weights', 'verify_hub_folder', 'write_hub_folder']
 
 
 class HubFolderError(RuntimeError):
@@ -94,3 +97,35 @@ def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: 
         output, expected = loaded(x), reference(x)
     if not torch.allclose(output, expected, rtol=1e-5, atol=1e-5, equal_nan=True):
         raise HubFolderError('the converted model does not reproduce the source model outputs')
+
+
+def check_config_fits_weights(folder: Path) -> None:
+    """Raise :class:`CheckpointError` unless the network ``folder``'s ``config.json`` describes
+    (``architecture``, ``model_args``, ``num_classes``: what timm's ``local-dir:`` and transformers'
+    ``TimmWrapper`` build alike) holds exactly the tensors of its ``model.safetensors``, by name and shape.
+
+    timm refuses such a folder when it loads it; transformers loads it, with random layers where
+    weights are missing and without those it does not know, saying so only in a load report, and no
+    plugin can make it strict (docs/clients.md). So a folder is checked before it is published; the
+    network is built on the meta device and the weights' shapes read from the file's header.
+    """
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    try:
+        with torch.device('meta'):  # whatever the architecture: not every timm model takes device=
+            model = timm.create_model(f'local-dir:{folder}')
+    except KeyError as e:  # a field timm cannot do without
+        raise CheckpointError(f'{config} does not describe a model timm can build: it has no {e}') from e
+    except (RuntimeError, TypeError, ValueError) as e:  # unknown architecture, arguments it does not take
+        raise CheckpointError(f'{config} does not describe a model timm can build: {first_line(e)}') from e
+    try:
+        with safe_open(weights, framework='pt') as tensors:
+            shapes = {k: torch.empty(tensors.get_slice(k).get_shape(), device='meta') for k in tensors.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f'{weights} is not a valid safetensors file ({first_line(e)}); convert again') from e
+    try:
+        check_fits(shapes, model, what=str(weights),
+                   architecture=f"the {model.pretrained_cfg['architecture']} that {config} describes")
+    except CheckpointMismatchError as e:
+        raise CheckpointError(
+            f'{e}. transformers would load it with random layers or without some of them: make config.json describe '
+            f'the network the weights are for (architecture, model_args, num_classes), or convert again') from e

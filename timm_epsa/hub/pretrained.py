@@ -13,7 +13,10 @@ that one call, for EPSANet architectures only, with these rules:
 * a load that cannot succeed (no weights published, a missing, private or gated repo, offline
   without a cached copy, a Hub that cannot be reached, a damaged upload or download, weights of
   another architecture) raises :class:`PretrainedWeightsError` naming the repo and the ways out:
-  never a random init.
+  never a random init; so does a ``file`` in the cfg that is missing, a folder or not safetensors;
+* the weights' classifier is kept where it has the ``num_classes`` asked for, also where timm's
+  rule (the cfg's class count differs) would replace it by a random one; where timm keeps it, one
+  of another size is refused naming the ``num_classes`` to pass, or the config.json to correct.
 
 ``timm.create_model('hf-hub:<repo>')`` reads the repo's config.json before any architecture is
 known, through timm's ``download_from_hf``: there, for every architecture, :func:`install` only
@@ -35,6 +38,7 @@ it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.
 import functools
 import inspect
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -57,7 +61,7 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
 from ..escaping import first_line
 from ..models.epsanet import MODEL_NAMES, check_model_args
-from .checkpoint import CheckpointMismatchError
+from .checkpoint import CheckpointError, CheckpointMismatchError, check_source
 from .download import (
     HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
 from .repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
@@ -156,9 +160,15 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
             raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
         call = signature.bind(model, pretrained_cfg, *args, **kwargs)
         call.apply_defaults()
-        call.arguments['filter_fn'] = _classifier_checked(call.arguments['filter_fn'], cfg, call.arguments['num_classes'])
+        if load_from == 'file':
+            _check_weights_file(cfg['file'])
         if load_from != 'hf-hub':  # a file, folder or state dict the user named: timm's errors name it
-            return timm_load_pretrained(*call.args, **call.kwargs)
+            try:
+                return _load_with_classifier_rules(timm_load_pretrained, call, cfg)
+            except SafetensorError as e:  # safetensors' message names no file
+                raise PretrainedWeightsError(
+                    f"The weights in {cfg.get('file')} are not a valid safetensors file ({first_line(e)}): the file "
+                    f"is damaged or not safetensors; convert the checkpoint again (`timm-epsa convert`)") from e
         hf_hub_id = cfg['hf_hub_id']
         filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
         if not filename.endswith('.safetensors'):
@@ -171,37 +181,83 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
             # timm loads and adapts them from here on, as it would have after its own download
             call.arguments['pretrained_cfg'] = {
                 **cfg, 'source': '', 'state_dict': safetensors.torch.load_file(path, device='cpu')}
-            return timm_load_pretrained(*call.args, **call.kwargs)
+            return _load_with_classifier_rules(timm_load_pretrained, call, cfg)
         except _HUB_ERRORS as e:
             raise PretrainedWeightsError(_explain(e, hf_hub_id, filename, model_name)) from e
 
     return load_pretrained
 
 
-def _classifier_checked(
-        filter_fn: Optional[Callable[..., Dict[str, Any]]],
+def _load_with_classifier_rules(
+        timm_load_pretrained: Callable[..., None],
+        call: inspect.BoundArguments,
         cfg: Dict[str, Any],
-        num_classes: int,
-) -> Optional[Callable[..., Dict[str, Any]]]:
-    """``filter_fn``, and where timm keeps the weights' classifier (the model has the class count of
-    the weights' cfg) a check that it has that many classes: else torch's strict load fails in a
-    paragraph about tensor sizes. Where timm drops the classifier there is nothing to check."""
+) -> None:
+    """timm's ``load_pretrained`` as bound in ``call``, with two rules for the weights' classifier.
+
+    timm keeps it when the model has the class count of the weights' cfg, and then it must have
+    that many classes (else torch's strict load fails in a paragraph about tensor sizes; this says
+    what to change). Otherwise timm drops it for a new one, even where it has exactly the requested
+    count (``num_classes=10`` with a 10-class file while the cfg says 1000): such a classifier is
+    what the user asked for, and is kept.
+    """
+    model, num_classes, filter_fn = call.arguments['model'], call.arguments['num_classes'], call.arguments['filter_fn']
     classifier = cfg.get('classifier')
-    if num_classes != cfg.get('num_classes') or not classifier:
-        return filter_fn
+    if not classifier or not num_classes:  # no classifier, or none wanted (features_only, num_classes=0)
+        return timm_load_pretrained(*call.args, **call.kwargs)
+    kept: Dict[str, Any] = {}
 
     def checked(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
         state_dict = filter_fn(state_dict, model) if filter_fn is not None else state_dict
-        weight, expected = state_dict.get(f'{classifier}.weight'), getattr(model, classifier, None)
-        if weight is not None and getattr(expected, 'weight', None) is not None and weight.shape != expected.weight.shape:
-            classes = weight.shape[0]
-            raise CheckpointMismatchError('the checkpoint', cfg['architecture'], (
-                f'their classifier {classifier}.weight {tuple(weight.shape)} is for {classes} classes, the model has '
-                f'{tuple(expected.weight.shape)}: to keep it, pass num_classes={classes} and num_classes={classes} in '
-                f'pretrained_cfg_overlay; for a new classifier, pass num_classes=<your number of classes>'))
+        name = f'{classifier}.weight'
+        weight, slot = state_dict.get(name), getattr(getattr(model, classifier, None), 'weight', None)
+        if weight is None or slot is None:
+            return state_dict
+        if num_classes == cfg.get('num_classes'):  # timm keeps it: it must fit
+            if weight.shape != slot.shape:
+                raise CheckpointMismatchError('the checkpoint', cfg['architecture'], _classifier_mismatch(
+                    name, tuple(weight.shape), tuple(slot.shape), cfg))
+        elif weight.shape == slot.shape:  # timm drops it, but it is the classifier asked for
+            kept.update({k: state_dict[k] for k in (name, f'{classifier}.bias') if k in state_dict})
         return state_dict
 
-    return checked
+    call.arguments['filter_fn'] = checked
+    timm_load_pretrained(*call.args, **call.kwargs)
+    if kept:
+        model.load_state_dict(kept, strict=False)
+
+
+def _classifier_mismatch(name: str, shape: Tuple[int, ...], expected: Tuple[int, ...], cfg: Dict[str, Any]) -> str:
+    """Why the weights' classifier does not fit and what to change: the config.json that says how many
+    classes there are, where the cfg comes from one (``hf-hub:`` and ``local-dir:`` models), else the
+    arguments of ``create_model``."""
+    classes = shape[0]
+    mismatch = f'their classifier {name} {shape} is for {classes} classes'
+    if cfg.get('source') == 'local-dir':
+        config = f'{Path(cfg["file"]) / CONFIG_NAME}'
+    elif cfg.get('source') == 'hf-hub':
+        config = f"the {CONFIG_NAME} of Hub repo '{cfg['hf_hub_id']}'"
+    else:
+        return (f'{mismatch}, the model has {expected}: to keep it, pass num_classes={classes}; for a new '
+                f'classifier of another size, pass num_classes=<that size>')
+    return (f'{mismatch}, but {config} says "num_classes": {cfg["num_classes"]}: set it to {classes} there, or pass '
+            f'num_classes=<your number of classes> for a new classifier')
+
+
+def _check_weights_file(path: str) -> None:
+    """Refuse a ``file`` in the pretrained cfg (``pretrained_cfg_overlay=dict(file=...)``, train.py's
+    ``--pretrained-path``) that is not a weights file, in one line: timm raises a bare FileNotFoundError."""
+    try:
+        check_source(Path(path))
+    except CheckpointError as e:
+        if Path(path).is_dir():
+            fix = f"; or load the folder with timm.create_model('local-dir:{path}', pretrained=True)"
+        elif not Path(path).exists():
+            relative = '' if Path(path).is_absolute() else f' (relative to {Path.cwd()})'
+            fix = f'{relative}; pass the path of a weights file: model.safetensors, a .pth checkpoint'
+        else:
+            fix = ''
+        raise PretrainedWeightsError(f"Cannot load pretrained weights from the cfg's file={path!r}: {e}{fix}") from None
 
 
 def _with_revision_checked(timm_download_from_hf: Callable[..., str]) -> Callable[..., str]:
