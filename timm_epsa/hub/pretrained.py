@@ -26,6 +26,7 @@ it rather than repeating its order of sources. Publishing is in :mod:`timm_epsa.
 import functools
 import inspect
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import safetensors.torch
@@ -46,8 +47,8 @@ from timm.models import _builder, _hub
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
 from ..escaping import first_line
-from ..models.epsanet import MODEL_NAMES, check_model_args
-from .checkpoint import CheckpointMismatchError
+from ..models.epsanet import MODEL_NAMES, check_config_model_args
+from .checkpoint import CheckpointMismatchError, not_safetensors
 from .download import (
     HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
 from .repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
@@ -102,14 +103,17 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
         model_name = cfg.get('architecture')
         if model_name not in MODEL_NAMES:
             return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
-        load_from, _ = _builder._resolve_pretrained_source(cfg)
+        load_from, location = _builder._resolve_pretrained_source(cfg)
         if not load_from:
             raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
         call = signature.bind(model, pretrained_cfg, *args, **kwargs)
         call.apply_defaults()
         call.arguments['filter_fn'] = _classifier_checked(call.arguments['filter_fn'], cfg, call.arguments['num_classes'])
         if load_from != 'hf-hub':  # a file, folder or state dict the user named: timm's errors name it
-            return timm_load_pretrained(*call.args, **call.kwargs)
+            try:
+                return timm_load_pretrained(*call.args, **call.kwargs)
+            except SafetensorError as e:  # but safetensors' do not
+                raise not_safetensors(location if load_from == 'file' else Path(location) / WEIGHTS_NAME, e) from e
         hf_hub_id = cfg['hf_hub_id']
         filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
         if not filename.endswith('.safetensors'):
@@ -179,7 +183,7 @@ def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callab
                 raise ValueError(
                     f"{where} set {', '.join(repeated)}, which timm.create_model sets itself; remove "
                     f"{'it' if len(repeated) == 1 else 'them'} from config.json")
-            check_model_args(model_name, model_args or {}, where=where)
+            check_config_model_args(model_name, model_args or {}, where=where)
         return pretrained_cfg, model_name, model_args
 
     return parse_model_cfg
