@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..escaping import first_line
 from .forms import ONNXRUNTIME, OPENVINO, RUNTIMES
 
 __all__ = ['DEPLOY_EXTRA', 'ExportError', 'MissingRuntimeError', 'load_runner', 'require_runtime']
@@ -37,6 +38,11 @@ def require_runtime(runtime: str) -> None:
         except ImportError:
             raise MissingRuntimeError(
                 f'exporting for {runtime} needs the {package} package, which is not installed: {DEPLOY_EXTRA}') from None
+        except Exception as e:  # installed, but broken: a failed upgrade, a binary for another CPU or Python
+            raise ExportError(
+                f'exporting for {runtime} needs the {package} package, which is installed but fails to import '
+                f'({type(e).__name__}: {first_line(e)}): reinstall it, pip install --force-reinstall {package}'
+            ) from e
 
 
 def load_runner(runtime: str, path: Path, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:

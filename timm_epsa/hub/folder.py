@@ -87,7 +87,7 @@ def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: 
     model, strictly) and check that every tensor equals ``source`` and the outputs equal ``reference``'s."""
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     loaded_tensors = loaded.state_dict()
-    differing = [k for k, v in source.items() if not torch.equal(loaded_tensors[k], v.to(loaded_tensors[k].dtype))]
+    differing = [k for k, v in source.items() if not _same(loaded_tensors[k], v.to(loaded_tensors[k].dtype))]
     if differing:
         raise HubFolderError(f'{len(differing)} tensors changed in conversion, e.g. {differing[0]}')
     # The tensors are already known to be equal: the forward pass shows the model the folder builds
@@ -129,3 +129,6 @@ def check_config_fits_weights(folder: Path) -> None:
         raise CheckpointError(
             f'{e}. transformers would load it with random layers or without some of them: make config.json describe '
             f'the network the weights are for (architecture, model_args, num_classes), or convert again') from e
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, a NaN equal to a NaN (``convert --allow-nonfinite`` keeps them)."""
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))

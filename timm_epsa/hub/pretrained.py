@@ -60,8 +60,8 @@ from timm.models import _builder, _hub
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME
 
 from ..escaping import first_line
-from ..models.epsanet import MODEL_NAMES, check_model_args
-from .checkpoint import CheckpointError, CheckpointMismatchError, check_source
+from ..models.epsanet import MODEL_NAMES, check_config_model_args
+from .checkpoint import CheckpointError, CheckpointMismatchError, check_source, not_safetensors
 from .download import (
     HubFileMismatchError, HubUnreachableError, InvalidRevisionError, TransportError, download, split_repo_revision)
 from .repos import DEFAULT_TAG, NAMESPACE_ENV, configured_namespace, hub_namespace
@@ -155,7 +155,7 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
         model_name = cfg.get('architecture')
         if model_name not in MODEL_NAMES:
             return timm_load_pretrained(model, pretrained_cfg, *args, **kwargs)
-        load_from, _ = _builder._resolve_pretrained_source(cfg)
+        load_from, location = _builder._resolve_pretrained_source(cfg)
         if not load_from:
             raise PretrainedWeightsError(_no_weights(model_name, cfg.get('tag')))
         call = signature.bind(model, pretrained_cfg, *args, **kwargs)
@@ -166,9 +166,8 @@ def _with_epsanet_rules(timm_load_pretrained: Callable[..., None]) -> Callable[.
             try:
                 return _load_with_classifier_rules(timm_load_pretrained, call, cfg)
             except SafetensorError as e:  # safetensors' message names no file
-                raise PretrainedWeightsError(
-                    f"The weights in {cfg.get('file')} are not a valid safetensors file ({first_line(e)}): the file "
-                    f"is damaged or not safetensors; convert the checkpoint again (`timm-epsa convert`)") from e
+                path = location if load_from == 'file' else Path(location) / WEIGHTS_NAME
+                raise PretrainedWeightsError(str(not_safetensors(path, e))) from e
         hf_hub_id = cfg['hf_hub_id']
         filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
         if not filename.endswith('.safetensors'):
@@ -284,7 +283,7 @@ def _with_model_args_checked(timm_parse_model_cfg: Callable[..., Any]) -> Callab
                 raise ValueError(
                     f"{where} set {', '.join(repeated)}, which timm.create_model sets itself; remove "
                     f"{'it' if len(repeated) == 1 else 'them'} from config.json")
-            check_model_args(model_name, model_args or {}, where=where)
+            check_config_model_args(model_name, model_args or {}, where=where)
         return pretrained_cfg, model_name, model_args
 
     return parse_model_cfg
