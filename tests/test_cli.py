@@ -3,6 +3,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,29 @@ def test_convert_force_replaces_only_with_a_complete_folder(converted, capsys, t
     ema = torch.load(checkpoint, weights_only=False)['state_dict_ema']
     tensors = safetensors.torch.load_file(out / 'model.safetensors')
     assert all(torch.equal(tensors[k], v) for k, v in ema.items())
+
+
+@pytest.mark.parametrize('command', ['convert', 'quickstart'])
+@pytest.mark.parametrize('name, shown', [
+    ('my out', "publish it with: timm-epsa push '{tmp}/my out' timm-epsa/epsanet50.in1k"),
+    ("it's", """publish it with: timm-epsa push '{tmp}/it'"'"'s' timm-epsa/epsanet50.in1k"""),
+    ('a\nb', 'publish it with timm-epsa push, the folder as your shell spells it, and timm-epsa/epsanet50.in1k (its '
+              'path holds characters that cannot be shown here as a command)'),
+], ids=['space', 'quote', 'line-break'])
+def test_the_suggested_push_command_can_be_pasted_or_is_not_shown(capsys, monkeypatch, tmp_path, command, name, shown):
+    """A folder named 'my out' made `timm-epsa push my out REPO`, which pushes 'my' to the repo 'out';
+    one with a line break was shown as 'a b', another path."""
+    result = argparse.Namespace(path=tmp_path / name, repo_id='timm-epsa/epsanet50.in1k', model_name='epsanet50',
+                                facts=argparse.Namespace(params=0), checkpoint=argparse.Namespace(state_dict={}),
+                                reloaded_accuracy=1.0)
+    monkeypatch.setattr(cli, 'convert_checkpoint', lambda *args, **kwargs: result)
+    monkeypatch.setattr(cli, 'run_quickstart', lambda *args, **kwargs: result)
+    args = ['src.pth', tmp_path / name, '--model', 'epsanet50'] if command == 'convert' else ['--output', tmp_path / name]
+    status, stdout, _ = run_cli(capsys, command, *args)
+    line = next(line for line in stdout.splitlines() if line.startswith('publish it with'))
+    assert status == 0 and line == shown.format(tmp=tmp_path)
+    if '\n' not in name:
+        assert shlex.split(line.split(': ', 1)[1])[2] == str(tmp_path / name)
 
 
 class _FakeHfApi:

@@ -26,7 +26,7 @@ from . import __version__
 from .deploy import RUNTIMES, ExportError
 from .deploy.export import OPENVINO_FILES, export
 from .deploy.forms import OPENVINO
-from .escaping import one_line
+from .escaping import one_line, shell_command
 from .hub import PretrainedWeightsError, cached_weights
 from .hub.cards import render_model_card
 from .hub.checkpoint import CheckpointError, NonFiniteWeightsError
@@ -97,6 +97,17 @@ def _log(message: str) -> None:
     print(one_line(message), file=sys.stderr, flush=True)
 
 
+def _suggest_push(folder: str, repo_id: str) -> None:
+    """The command that publishes a folder just written, quoted to be pasted into a shell; where the
+    folder's path cannot be shown as it is, a command naming another path would be wrong: say so."""
+    command = shell_command('timm-epsa', 'push', folder, repo_id)
+    if command is None:
+        _say(f'publish it with timm-epsa push, the folder as your shell spells it, and {repo_id} (its path holds '
+             f'characters that cannot be shown here as a command)')
+    else:
+        _say(f'publish it with: {command}')
+
+
 def _add_card_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--top1', type=_percent, metavar='PCT', help='ImageNet-1k validation top-1 accuracy, percent')
     parser.add_argument('--top5', type=_percent, metavar='PCT', help='ImageNet-1k validation top-5 accuracy, percent')
@@ -143,7 +154,7 @@ def _convert(args: argparse.Namespace) -> None:
         raise NonFiniteWeightsError(f'{e}, or pass --allow-nonfinite to convert it as it is') from None
     _say(f'wrote {result.path}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
          f'{len(result.checkpoint.state_dict)} tensors, verified')
-    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    _suggest_push(str(result.path), result.repo_id)
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
@@ -260,7 +271,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     recipe = Recipe(epochs=args.epochs, img_size=args.img_size, seed=args.seed, train_images=args.train_images)
     result = run_quickstart(args.output, recipe, imagefolder=args.imagefolder, force=args.force, log=_log)
     _say(f'wrote {result.path}: loads back with identical held-out logits')
-    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    _suggest_push(str(result.path), result.repo_id)
     _say(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
 
 
