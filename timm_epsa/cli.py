@@ -318,9 +318,11 @@ def _export(args: argparse.Namespace) -> None:
         else str(result.path)
     batch = f'batch {report.batch_size}' if report.batch_size else 'dynamic batch'
     checked = ' and '.join(map(str, report.checked_batch_sizes))
+    compared = ("the spread of the features before the classifier (its outputs are the same for every input, "
+                "which shows nothing)") if report.features_checked else "the outputs' spread"
     _say(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
          f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
-         f"eager PyTorch {report.max_error:.1e} of the outputs' spread")
+         f"eager PyTorch {report.max_error:.1e} of {compared}")
 
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
