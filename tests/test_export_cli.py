@@ -138,7 +138,7 @@ def test_bad_options_are_refused(tmp_path, capsys):
     for args, fragment in [
         (['--runtime', 'tensorrt'], "invalid choice: 'tensorrt'"),
         (['--runtime', 'onnxruntime', '--batch-size', 0], '--batch-size'),
-        (['--runtime', 'onnxruntime', '--img-size', 8], '--img-size'),
+        (['--runtime', 'onnxruntime', '--img-size', 7], 'argument --img-size: 7 is less than 8'),
         ([], '--runtime'),
     ]:
         with pytest.raises(SystemExit) as exit_:
@@ -203,8 +203,11 @@ def tiny_folder(folder, config_change=None, weights=None):
     (None, b'', [], ('model.safetensors is not a valid safetensors file (', 'write it again')),
     (None, bytes(range(256)) * 4, [], ('model.safetensors is not a valid safetensors file (',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 0, 0]), None, [],
-     ('folder/config.json gives input_size [3, 0, 0], which is not [channels, height, width] of 1 to 8192; '
-      'correct it, or write the folder again with timm-epsa convert',)),
+     ('folder/config.json gives input_size [3, 0, 0], which is not [channels, height, width] of 1 to 8192 channels '
+      'and sides of 8 to 8192 pixels; correct it, or write the folder again with timm-epsa convert',)),
+    (lambda c: c['pretrained_cfg'].update(input_size=[3, 7, 7]), None, [],  # as --img-size 7: refused alike
+     ('folder/config.json gives input_size [3, 7, 7], which is not [channels, height, width] of 1 to 8192 channels '
+      'and sides of 8 to 8192 pixels',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 1e5, 1e5]), None, [],
      ('config.json gives input_size [3, 100000.0, 100000.0], which is not [channels, height, width] of 1 to 8192',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 64]), None, ['--img-size', 32],
@@ -216,8 +219,8 @@ def tiny_folder(folder, config_change=None, weights=None):
     (None, None, ['--batch-size', 4096, '--img-size', 4096],
      ('runs it on a batch of 4096 images of 3x4096x4096, 825 GB of input',
       'give a smaller --img-size or --batch-size')),
-], ids=['unknown-model-arg', 'pickle', 'empty', 'random-bytes', 'input-size-0', 'input-size-1e5', 'input-size-2d',
-    'no-pretrained_cfg', 'layers-a-string', 'input-too-large'])
+], ids=['unknown-model-arg', 'pickle', 'empty', 'random-bytes', 'input-size-0', 'input-size-7', 'input-size-1e5',
+    'input-size-2d', 'no-pretrained_cfg', 'layers-a-string', 'input-too-large'])
 def test_a_folder_or_size_that_cannot_be_exported_is_one_line(capsys, tmp_path, config_change, weights, options,
                                                                fragments):
     """Each was a traceback (TypeError from ResNet.__init__, SafetensorError, an allocation failure or

@@ -29,7 +29,7 @@ from .deploy.forms import OPENVINO
 from .escaping import one_line, shell_command
 from .hub import PretrainedWeightsError, cached_weights
 from .hub.cards import render_model_card
-from .hub.checkpoint import CheckpointError, NonFiniteWeightsError
+from .hub.checkpoint import MIN_EXPORT_SIDE, CheckpointError, NonFiniteWeightsError
 from .hub.convert import convert_checkpoint
 from .hub.folder import HubFolderError
 from .hub.publish import push_folder
@@ -294,7 +294,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--runtime', required=True, choices=RUNTIMES, help='the runtime to export for')
     parser.add_argument('--batch-size', type=_at_least(1, 4096), metavar='N',
                         help='fix the batch size (default: dynamic, any batch size)')
-    parser.add_argument('--img-size', type=_at_least(32, 4096), metavar='PX',
+    parser.add_argument('--img-size', type=_at_least(MIN_EXPORT_SIDE, 4096), metavar='PX',
                         help="side of the square input images (default: the model's, 224 for ImageNet weights)")
     parser.add_argument('--model', type=_model_name, metavar='NAME',
                         help='for a checkpoint SOURCE: the architecture (default: the one a timm train.py checkpoint '

@@ -20,7 +20,7 @@ from timm.models import split_model_name_tag
 
 from ..escaping import first_line
 from ..hub import CONFIG_NAME, WEIGHTS_NAME
-from ..hub.checkpoint import MAX_SIDE, CheckpointError
+from ..hub.checkpoint import MAX_SIDE, MIN_EXPORT_SIDE, CheckpointError
 from ..hub.convert import model_from_checkpoint
 from ..models.epsanet import MODEL_NAMES, check_model_name
 from ..staging import destination_path, staged_file, staged_folder
@@ -184,9 +184,11 @@ def _model_from_folder(path: Path, hides: bool) -> Tuple[nn.Module, str, str]:
                              f'values; write the folder again with timm-epsa convert')
     size = config.get('pretrained_cfg', config).get('input_size')  # timm reads it from the top in old configs
     if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
-            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SIDE for n in size)):
+            isinstance(n, int) and not isinstance(n, bool) and low <= n <= MAX_SIDE
+            for n, low in zip(size, (1, MIN_EXPORT_SIDE, MIN_EXPORT_SIDE)))):
         raise ValueError(f'{config_path} gives input_size {size}, which is not [channels, height, width] of 1 to '
-                         f'{MAX_SIDE}; correct it, or write the folder again with timm-epsa convert')
+                         f'{MAX_SIDE} channels and sides of {MIN_EXPORT_SIDE} to {MAX_SIDE} pixels; correct it, or '
+                         f'write the folder again with timm-epsa convert')
     if not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f'{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}; write the folder again with timm-epsa '
                          f'convert')
