@@ -313,11 +313,16 @@ def test_push_to_an_invalid_repo_id_says_the_id_is_invalid(converted, capsys, fa
      'model.safetensors does not fit the epsanet101 that {folder}/config.json describes: 425 missing: '
      'layer3.6.conv1.weight'),
     (lambda config: config.pop('architecture'),
-     "{folder}/config.json does not describe a model timm can build: it has no 'architecture'"),
+     '{folder}/config.json has no "architecture"; write the folder again with timm-epsa convert'),
+    (lambda config: [config],  # was "'str' object cannot be interpreted as an integer"
+     '{folder}/config.json is not a JSON object (it holds a list); write the folder again with timm-epsa convert'),
+    (lambda config: config['pretrained_cfg'].update(input_size=[3, 100000, 100000]),  # export refused, push reached the Hub
+     '{folder}/config.json gives input_size [3, 100000, 100000], which is not [channels, height, width] of 1 to 8192 '
+     'channels and sides of 8 to 8192 pixels'),
     (lambda config: config.update(model_args={'foo': 1}),
      "{folder}/config.json does not describe a model timm can build: config.json's model_args for epsanet50: 'foo' "
      "is not an argument epsanet50 takes"),
-], ids=['architecture-swapped', 'no-architecture', 'unknown-model-arg'])
+], ids=['architecture-swapped', 'no-architecture', 'a-list', 'input-size-huge', 'unknown-model-arg'])
 def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
         converted, capsys, tmp_path, fake_hub_api, edit, message):
     """An architecture swapped in config.json: timm refuses the folder, transformers would load it
@@ -326,8 +331,8 @@ def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
     edited = tmp_path / 'edited'
     shutil.copytree(folder, edited)
     config = json.loads((edited / 'config.json').read_text())
-    edit(config)
-    (edited / 'config.json').write_text(json.dumps(config))
+    replaced = edit(config)
+    (edited / 'config.json').write_text(json.dumps(replaced if isinstance(replaced, list) else config))
     status, _, err = run_cli(capsys, 'push', edited, 'timm-epsa/epsanet50.in1k')
     assert status == 1
     assert_one_line_error(err, 'push', message.format(folder=edited))

@@ -113,6 +113,9 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
     shutil.copy(folder / 'config.json', tmp_path / 'no_weights')
     (tmp_path / 'bad_json').mkdir()
     (tmp_path / 'bad_json' / 'config.json').write_text('{bad')
+    for name, config in [('no_architecture', {'num_classes': 10}), ('a_list', ['epsanet50'])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'config.json').write_text(json.dumps(config))
     cases = [
         ('resnet50', 'neither a model name', 'a folder written by timm-epsa convert'),
         ('epsanet50.foo', "epsanet50 has no tag 'foo'; its tags: epsanet50.in1k"),
@@ -124,6 +127,10 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
         (tmp_path / 'resnet18', "holds 'resnet18', not an EPSANet variant", 'epsanet50'),
         (tmp_path / 'no_weights', 'has config.json but no model.safetensors'),
         (tmp_path / 'bad_json', 'config.json is not valid JSON (Expecting property name'),
+        (tmp_path / 'no_architecture', f'{tmp_path}/no_architecture/config.json has no "architecture"; write the folder '
+                                       f'again with timm-epsa convert'),  # was "holds None, not an EPSANet variant"
+        (tmp_path / 'a_list', f'{tmp_path}/a_list/config.json is not a JSON object (it holds a list); write the '
+                              f'folder again with timm-epsa convert'),
         (tmp_path / 'garbage.pth', 'garbage.pth'),
     ]
     for source, *fragments in cases:
@@ -131,7 +138,7 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
         assert status == 1, source
         assert_one_line_error(err, 'export', *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'bad_json', 'empty', 'epsanet50', 'garbage.pth', 'no_weights', 'resnet18']
+        'a_list', 'bad_json', 'empty', 'epsanet50', 'garbage.pth', 'no_architecture', 'no_weights', 'resnet18']
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
