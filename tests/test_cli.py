@@ -384,6 +384,16 @@ def test_card_accuracy_must_be_a_percentage(capsys):
         assert f'argument --top1: {problem}' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('command', [['card', 'epsanet50'], ['convert', 'missing.pth', 'out', '--model', 'epsanet50']])
+def test_a_top5_accuracy_below_top1_is_refused_in_one_line(capsys, tmp_path, monkeypatch, command):
+    """'card epsanet50 --top1 77.5 --top5 50' printed a card publishing both figures."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(capsys, *command, '--top1', 77.5, '--top5', 50)
+    assert status == 1 and out == '' and list(tmp_path.iterdir()) == []
+    assert_one_line_error(err, command[0], 'top-5 accuracy 50% is below top-1 77.5%, which it cannot be (every top-1 '
+                                           'hit is a top-5 hit): give both of one evaluation')
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(['info', 'resnet50'])
