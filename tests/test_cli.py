@@ -394,6 +394,17 @@ def test_a_top5_accuracy_below_top1_is_refused_in_one_line(capsys, tmp_path, mon
                                            'hit is a top-5 hit): give both of one evaluation')
 
 
+@pytest.mark.parametrize('command', [['info', 'epsanet50'], ['card', 'epsanet50']])
+def test_a_closed_stdout_is_one_line_before_any_work(capsys, monkeypatch, command):
+    """'timm-epsa info >&-' (Python leaves sys.stdout None) ended in a traceback, AttributeError: 'NoneType'
+    object has no attribute 'flush'."""
+    monkeypatch.setattr(sys, 'stdout', None)
+    status, _, err = run_cli(capsys, *command)
+    assert status == 1
+    assert_one_line_error(err, command[0], 'standard output is closed, so its result could not be shown; run it '
+                                           'with stdout open (>/dev/null to discard the result)')
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(['info', 'resnet50'])

@@ -9,7 +9,8 @@ but a model card goes through :func:`~timm_epsa.escaping.one_line`, so that no p
 Hub answer in it can add a line or drive the terminal. Errors a user can act on print as one line
 and exit with status 1; Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
 Output read by a reader that stops early (``timm-epsa info | head -1``) ends the command quietly with
-status 141, as SIGPIPE ends a Unix tool.
+status 141, as SIGPIPE ends a Unix tool; a command started with stdout closed (``>&-``) is refused
+before any work, with one line and status 1.
 """
 import argparse
 import os
@@ -346,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout None
+        # Refused before any work, unlike a reader that stops early (which wanted no more): here
+        # every result line would be lost, and a quiet success would hide it.
+        print(f'timm-epsa {args.command}: error: standard output is closed, so its result could not be shown; run '
+              f'it with stdout open (>/dev/null to discard the result)', file=sys.stderr)
+        return 1
     try:
         with _sigterm_as_interrupt():
             args.run(args)
