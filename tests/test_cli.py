@@ -3,6 +3,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -212,6 +213,29 @@ def test_convert_force_replaces_only_with_a_complete_folder(converted, capsys, t
     assert all(torch.equal(tensors[k], v) for k, v in ema.items())
 
 
+@pytest.mark.parametrize('command', ['convert', 'quickstart'])
+@pytest.mark.parametrize('name, shown', [
+    ('my out', "publish it with: timm-epsa push '{tmp}/my out' timm-epsa/epsanet50.in1k"),
+    ("it's", """publish it with: timm-epsa push '{tmp}/it'"'"'s' timm-epsa/epsanet50.in1k"""),
+    ('a\nb', 'publish it with timm-epsa push, the folder as your shell spells it, and timm-epsa/epsanet50.in1k (its '
+              'path holds characters that cannot be shown here as a command)'),
+], ids=['space', 'quote', 'line-break'])
+def test_the_suggested_push_command_can_be_pasted_or_is_not_shown(capsys, monkeypatch, tmp_path, command, name, shown):
+    """A folder named 'my out' made `timm-epsa push my out REPO`, which pushes 'my' to the repo 'out';
+    one with a line break was shown as 'a b', another path."""
+    result = argparse.Namespace(path=tmp_path / name, repo_id='timm-epsa/epsanet50.in1k', model_name='epsanet50',
+                                facts=argparse.Namespace(params=0), checkpoint=argparse.Namespace(state_dict={}),
+                                reloaded_accuracy=1.0)
+    monkeypatch.setattr(cli, 'convert_checkpoint', lambda *args, **kwargs: result)
+    monkeypatch.setattr(cli, 'run_quickstart', lambda *args, **kwargs: result)
+    args = ['src.pth', tmp_path / name, '--model', 'epsanet50'] if command == 'convert' else ['--output', tmp_path / name]
+    status, stdout, _ = run_cli(capsys, command, *args)
+    line = next(line for line in stdout.splitlines() if line.startswith('publish it with'))
+    assert status == 0 and line == shown.format(tmp=tmp_path)
+    if '\n' not in name:
+        assert shlex.split(line.split(': ', 1)[1])[2] == str(tmp_path / name)
+
+
 class _FakeHfApi:
     """Records what push asks of the Hub."""
     calls = []
@@ -289,11 +313,16 @@ def test_push_to_an_invalid_repo_id_says_the_id_is_invalid(converted, capsys, fa
      'model.safetensors does not fit the epsanet101 that {folder}/config.json describes: 425 missing: '
      'layer3.6.conv1.weight'),
     (lambda config: config.pop('architecture'),
-     "{folder}/config.json does not describe a model timm can build: it has no 'architecture'"),
+     '{folder}/config.json has no "architecture"; write the folder again with timm-epsa convert'),
+    (lambda config: [config],  # was "'str' object cannot be interpreted as an integer"
+     '{folder}/config.json is not a JSON object (it holds a list); write the folder again with timm-epsa convert'),
+    (lambda config: config['pretrained_cfg'].update(input_size=[3, 100000, 100000]),  # export refused, push reached the Hub
+     '{folder}/config.json gives input_size [3, 100000, 100000], which is not [channels, height, width] of 1 to 8192 '
+     'channels and sides of 8 to 8192 pixels'),
     (lambda config: config.update(model_args={'foo': 1}),
      "{folder}/config.json does not describe a model timm can build: config.json's model_args for epsanet50: 'foo' "
      "is not an argument epsanet50 takes"),
-], ids=['architecture-swapped', 'no-architecture', 'unknown-model-arg'])
+], ids=['architecture-swapped', 'no-architecture', 'a-list', 'input-size-huge', 'unknown-model-arg'])
 def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
         converted, capsys, tmp_path, fake_hub_api, edit, message):
     """An architecture swapped in config.json: timm refuses the folder, transformers would load it
@@ -302,8 +331,8 @@ def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
     edited = tmp_path / 'edited'
     shutil.copytree(folder, edited)
     config = json.loads((edited / 'config.json').read_text())
-    edit(config)
-    (edited / 'config.json').write_text(json.dumps(config))
+    replaced = edit(config)
+    (edited / 'config.json').write_text(json.dumps(replaced if isinstance(replaced, list) else config))
     status, _, err = run_cli(capsys, 'push', edited, 'timm-epsa/epsanet50.in1k')
     assert status == 1
     assert_one_line_error(err, 'push', message.format(folder=edited))
@@ -353,6 +382,27 @@ def test_card_accuracy_must_be_a_percentage(capsys):
             cli.main(['card', 'epsanet50', '--top1', value])
         assert exit_.value.code == 2
         assert f'argument --top1: {problem}' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', [['card', 'epsanet50'], ['convert', 'missing.pth', 'out', '--model', 'epsanet50']])
+def test_a_top5_accuracy_below_top1_is_refused_in_one_line(capsys, tmp_path, monkeypatch, command):
+    """'card epsanet50 --top1 77.5 --top5 50' printed a card publishing both figures."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(capsys, *command, '--top1', 77.5, '--top5', 50)
+    assert status == 1 and out == '' and list(tmp_path.iterdir()) == []
+    assert_one_line_error(err, command[0], 'top-5 accuracy 50% is below top-1 77.5%, which it cannot be (every top-1 '
+                                           'hit is a top-5 hit): give both of one evaluation')
+
+
+@pytest.mark.parametrize('command', [['info', 'epsanet50'], ['card', 'epsanet50']])
+def test_a_closed_stdout_is_one_line_before_any_work(capsys, monkeypatch, command):
+    """'timm-epsa info >&-' (Python leaves sys.stdout None) ended in a traceback, AttributeError: 'NoneType'
+    object has no attribute 'flush'."""
+    monkeypatch.setattr(sys, 'stdout', None)
+    status, _, err = run_cli(capsys, *command)
+    assert status == 1
+    assert_one_line_error(err, command[0], 'standard output is closed, so its result could not be shown; run it '
+                                           'with stdout open (>/dev/null to discard the result)')
 
 
 def test_unknown_model_is_a_usage_error(capsys):

@@ -229,6 +229,28 @@ def test_a_wrong_branch_cannot_hide_under_a_dominant_logit(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_outputs_equal_for_every_input_are_checked_on_the_features_before_them(tmp_path, monkeypatch):
+    """A classifier of zero weights gives the same logits whatever the layers before it compute: the
+    runtime matched them at 0.0 'of the outputs' spread' with any graph, this wrong one too."""
+    pytest.importorskip('onnxruntime')
+    model = tiny(num_classes=10)
+    nn.init.zeros_(model.fc.weight)
+    nn.init.zeros_(model.fc.bias)
+
+    def broken_rewrite(graph_model, runtime):
+        graph = rewrite_for_runtime(graph_model, runtime)
+        graph.layer4[0].conv3.weight.data.mul_(1.01)  # a layer before the classifier off by 1%
+        return graph
+
+    monkeypatch.setattr(export_module, 'rewrite_for_runtime', broken_rewrite)
+    with pytest.raises(ExportCheckError, match=r"^onnxruntime output differs from eager PyTorch by .* more than "
+                                               r"1e-04: export removed \(checked on the features before the "
+                                               r"classifier: the outputs are the same for every input\)$"):
+        export_model(model, tmp_path / 'model.onnx', 'onnxruntime', img_size=64)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_non_finite_eager_outputs_are_blamed_on_the_weights_not_the_runtime(tmp_path, monkeypatch):
     pytest.importorskip('onnxruntime')
     net = nn.Sequential(nn.Conv2d(3, 4, 1)).eval()

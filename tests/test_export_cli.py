@@ -113,6 +113,9 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
     shutil.copy(folder / 'config.json', tmp_path / 'no_weights')
     (tmp_path / 'bad_json').mkdir()
     (tmp_path / 'bad_json' / 'config.json').write_text('{bad')
+    for name, config in [('no_architecture', {'num_classes': 10}), ('a_list', ['epsanet50'])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'config.json').write_text(json.dumps(config))
     cases = [
         ('resnet50', 'neither a model name', 'a folder written by timm-epsa convert'),
         ('epsanet50.foo', "epsanet50 has no tag 'foo'; its tags: epsanet50.in1k"),
@@ -124,6 +127,10 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
         (tmp_path / 'resnet18', "holds 'resnet18', not an EPSANet variant", 'epsanet50'),
         (tmp_path / 'no_weights', 'has config.json but no model.safetensors'),
         (tmp_path / 'bad_json', 'config.json is not valid JSON (Expecting property name'),
+        (tmp_path / 'no_architecture', f'{tmp_path}/no_architecture/config.json has no "architecture"; write the folder '
+                                       f'again with timm-epsa convert'),  # was "holds None, not an EPSANet variant"
+        (tmp_path / 'a_list', f'{tmp_path}/a_list/config.json is not a JSON object (it holds a list); write the '
+                              f'folder again with timm-epsa convert'),
         (tmp_path / 'garbage.pth', 'garbage.pth'),
     ]
     for source, *fragments in cases:
@@ -131,14 +138,14 @@ def test_bad_sources_are_named(converted, tmp_path, capsys, monkeypatch):
         assert status == 1, source
         assert_one_line_error(err, 'export', *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'bad_json', 'empty', 'epsanet50', 'garbage.pth', 'no_weights', 'resnet18']
+        'a_list', 'bad_json', 'empty', 'epsanet50', 'garbage.pth', 'no_architecture', 'no_weights', 'resnet18']
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
     for args, fragment in [
         (['--runtime', 'tensorrt'], "invalid choice: 'tensorrt'"),
         (['--runtime', 'onnxruntime', '--batch-size', 0], '--batch-size'),
-        (['--runtime', 'onnxruntime', '--img-size', 8], '--img-size'),
+        (['--runtime', 'onnxruntime', '--img-size', 7], 'argument --img-size: 7 is less than 8'),
         ([], '--runtime'),
     ]:
         with pytest.raises(SystemExit) as exit_:
@@ -203,8 +210,11 @@ def tiny_folder(folder, config_change=None, weights=None):
     (None, b'', [], ('model.safetensors is not a valid safetensors file (', 'write it again')),
     (None, bytes(range(256)) * 4, [], ('model.safetensors is not a valid safetensors file (',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 0, 0]), None, [],
-     ('folder/config.json gives input_size [3, 0, 0], which is not [channels, height, width] of 1 to 8192; '
-      'correct it, or write the folder again with timm-epsa convert',)),
+     ('folder/config.json gives input_size [3, 0, 0], which is not [channels, height, width] of 1 to 8192 channels '
+      'and sides of 8 to 8192 pixels; correct it, or write the folder again with timm-epsa convert',)),
+    (lambda c: c['pretrained_cfg'].update(input_size=[3, 7, 7]), None, [],  # as --img-size 7: refused alike
+     ('folder/config.json gives input_size [3, 7, 7], which is not [channels, height, width] of 1 to 8192 channels '
+      'and sides of 8 to 8192 pixels',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 1e5, 1e5]), None, [],
      ('config.json gives input_size [3, 100000.0, 100000.0], which is not [channels, height, width] of 1 to 8192',)),
     (lambda c: c['pretrained_cfg'].update(input_size=[3, 64]), None, ['--img-size', 32],
@@ -216,8 +226,8 @@ def tiny_folder(folder, config_change=None, weights=None):
     (None, None, ['--batch-size', 4096, '--img-size', 4096],
      ('runs it on a batch of 4096 images of 3x4096x4096, 825 GB of input',
       'give a smaller --img-size or --batch-size')),
-], ids=['unknown-model-arg', 'pickle', 'empty', 'random-bytes', 'input-size-0', 'input-size-1e5', 'input-size-2d',
-    'no-pretrained_cfg', 'layers-a-string', 'input-too-large'])
+], ids=['unknown-model-arg', 'pickle', 'empty', 'random-bytes', 'input-size-0', 'input-size-7', 'input-size-1e5',
+    'input-size-2d', 'no-pretrained_cfg', 'layers-a-string', 'input-too-large'])
 def test_a_folder_or_size_that_cannot_be_exported_is_one_line(capsys, tmp_path, config_change, weights, options,
                                                                fragments):
     """Each was a traceback (TypeError from ResNet.__init__, SafetensorError, an allocation failure or

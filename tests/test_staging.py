@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all and nothing a user had is lost (timm_epsa/staging.py):
 in-process on small folders; tests/test_interrupts.py sends real signals to `timm-epsa` children."""
+import errno
 import os
 import re
 import signal
@@ -279,6 +280,36 @@ def test_the_longest_name_works_and_its_hidden_siblings_fit(tmp_path, log, swap)
     with staged_folder(tmp_path / name, force=True, log=log) as staging_dir:
         write(staging_dir, a='2')
     assert [p.name for p in tmp_path.iterdir()] == [name] and contents(tmp_path / name) == {'a': '2'}
+
+
+@pytest.mark.parametrize('how', ['exchange', 'rename-aside', 'file'])
+def test_a_destination_the_os_will_not_replace_is_one_line_and_left_as_it_was(tmp_path, log, monkeypatch, how):
+    """An immutable OUT (chattr +i), or one in a folder the user cannot write: the swap's rename is
+    refused after all the work, and the user learns which path, why, and what to do, not an errno."""
+    def refused(source, target, *flags):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source), None, str(target))
+    out = tmp_path / 'out'
+    if how == 'file':
+        out.write_text('old')
+        monkeypatch.setattr(os, 'replace', refused)
+    else:
+        write(out, old='old')
+        monkeypatch.setattr(os, 'rename', refused)
+        if how == 'exchange':
+            monkeypatch.setattr(staging, '_renameat2', refused)
+        else:
+            monkeypatch.setattr(staging, '_RENAMEAT2', None)
+    with pytest.raises(DestinationError, match=rf'^{out} could not be replaced \(Operation not permitted\): it is '
+                                               rf'left as it was; make it and the folder it is in writable, or write '
+                                               rf'elsewhere$'):
+        if how == 'file':
+            with staged_file(out, force=True, log=log) as path:
+                path.write_text('new')
+        else:
+            with staged_folder(out, force=True, log=log) as staging_dir:
+                write(staging_dir, a='new')
+    assert (out.read_text() == 'old') if how == 'file' else (contents(out) == {'old': 'old'})
+    assert [p.name for p in tmp_path.iterdir()] == ['out'] and log == []
 
 
 def test_missing_parents_are_made_and_removed_again_on_failure(tmp_path):

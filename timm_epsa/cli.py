@@ -9,7 +9,8 @@ but a model card goes through :func:`~timm_epsa.escaping.one_line`, so that no p
 Hub answer in it can add a line or drive the terminal. Errors a user can act on print as one line
 and exit with status 1; Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
 Output read by a reader that stops early (``timm-epsa info | head -1``) ends the command quietly with
-status 141, as SIGPIPE ends a Unix tool.
+status 141, as SIGPIPE ends a Unix tool; a command started with stdout closed (``>&-``) is refused
+before any work, with one line and status 1.
 """
 import argparse
 import os
@@ -26,10 +27,10 @@ from . import __version__
 from .deploy import RUNTIMES, ExportError
 from .deploy.export import OPENVINO_FILES, export
 from .deploy.forms import OPENVINO
-from .escaping import one_line
+from .escaping import one_line, shell_command
 from .hub import PretrainedWeightsError, cached_weights
 from .hub.cards import render_model_card
-from .hub.checkpoint import CheckpointError, NonFiniteWeightsError
+from .hub.checkpoint import MIN_EXPORT_SIDE, CheckpointError, NonFiniteWeightsError
 from .hub.convert import convert_checkpoint
 from .hub.folder import HubFolderError
 from .hub.publish import push_folder
@@ -97,6 +98,17 @@ def _log(message: str) -> None:
     print(one_line(message), file=sys.stderr, flush=True)
 
 
+def _suggest_push(folder: str, repo_id: str) -> None:
+    """The command that publishes a folder just written, quoted to be pasted into a shell; where the
+    folder's path cannot be shown as it is, a command naming another path would be wrong: say so."""
+    command = shell_command('timm-epsa', 'push', folder, repo_id)
+    if command is None:
+        _say(f'publish it with timm-epsa push, the folder as your shell spells it, and {repo_id} (its path holds '
+             f'characters that cannot be shown here as a command)')
+    else:
+        _say(f'publish it with: {command}')
+
+
 def _add_card_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--top1', type=_percent, metavar='PCT', help='ImageNet-1k validation top-1 accuracy, percent')
     parser.add_argument('--top5', type=_percent, metavar='PCT', help='ImageNet-1k validation top-5 accuracy, percent')
@@ -143,7 +155,7 @@ def _convert(args: argparse.Namespace) -> None:
         raise NonFiniteWeightsError(f'{e}, or pass --allow-nonfinite to convert it as it is') from None
     _say(f'wrote {result.path}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
          f'{len(result.checkpoint.state_dict)} tensors, verified')
-    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    _suggest_push(str(result.path), result.repo_id)
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
@@ -260,7 +272,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     recipe = Recipe(epochs=args.epochs, img_size=args.img_size, seed=args.seed, train_images=args.train_images)
     result = run_quickstart(args.output, recipe, imagefolder=args.imagefolder, force=args.force, log=_log)
     _say(f'wrote {result.path}: loads back with identical held-out logits')
-    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    _suggest_push(str(result.path), result.repo_id)
     _say(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
 
 
@@ -283,7 +295,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--runtime', required=True, choices=RUNTIMES, help='the runtime to export for')
     parser.add_argument('--batch-size', type=_at_least(1, 4096), metavar='N',
                         help='fix the batch size (default: dynamic, any batch size)')
-    parser.add_argument('--img-size', type=_at_least(32, 4096), metavar='PX',
+    parser.add_argument('--img-size', type=_at_least(MIN_EXPORT_SIDE, 4096), metavar='PX',
                         help="side of the square input images (default: the model's, 224 for ImageNet weights)")
     parser.add_argument('--model', type=_model_name, metavar='NAME',
                         help='for a checkpoint SOURCE: the architecture (default: the one a timm train.py checkpoint '
@@ -307,9 +319,11 @@ def _export(args: argparse.Namespace) -> None:
         else str(result.path)
     batch = f'batch {report.batch_size}' if report.batch_size else 'dynamic batch'
     checked = ' and '.join(map(str, report.checked_batch_sizes))
+    compared = ("the spread of the features before the classifier (its outputs are the same for every input, "
+                "which shows nothing)") if report.features_checked else "the outputs' spread"
     _say(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
          f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
-         f"eager PyTorch {report.max_error:.1e} of the outputs' spread")
+         f"eager PyTorch {report.max_error:.1e} of {compared}")
 
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
@@ -333,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout None
+        # Refused before any work, unlike a reader that stops early (which wanted no more): here
+        # every result line would be lost, and a quiet success would hide it.
+        print(f'timm-epsa {args.command}: error: standard output is closed, so its result could not be shown; run '
+              f'it with stdout open (>/dev/null to discard the result)', file=sys.stderr)
+        return 1
     try:
         with _sigterm_as_interrupt():
             args.run(args)

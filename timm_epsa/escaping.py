@@ -10,7 +10,7 @@ import re
 import shlex
 from typing import Optional
 
-__all__ = ['code_block', 'code_span', 'first_line', 'one_line', 'shell_word', 'utf8_path_problem']
+__all__ = ['code_block', 'code_span', 'first_line', 'one_line', 'shell_command', 'shell_word', 'utf8_path_problem']
 
 _LINE_BREAK = re.compile(r'\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]\s*')  # with the whitespace around it
 _BACKTICKS = re.compile(r'`+')
@@ -42,6 +42,14 @@ def utf8_path_problem(path: str) -> Optional[str]:
 def shell_word(text: str) -> str:
     """``text`` as one word of a POSIX shell command line."""
     return shlex.quote(one_line(text))
+
+
+def shell_command(*words: str) -> Optional[str]:
+    """``words`` as one POSIX shell command line that runs them when pasted, or None where a word holds
+    a character :func:`one_line` would change (a line break, a tab, a control character, an
+    undecodable byte): shown escaped, the command would name another path."""
+    line = ' '.join(shlex.quote(word) for word in words)
+    return line if one_line(line) == line else None
 
 
 def code_span(text: str) -> str:

@@ -169,12 +169,13 @@ def _writing(out: PathLike, force: bool, log: Optional[Log], folder: bool) -> It
             token = uuid.uuid4().hex[:8]
             staging = dest.sibling('partial', token)
             staging.mkdir()
-            committed = False
+            committed = committing = False
             try:
                 _pause_for_tests('staging')
                 yield staging
                 _follow_umask(staging)
                 with _signals_held() as received:
+                    committing = True
                     _pause_for_tests('commit')
                     if folder:
                         _commit_folder(staging, dest, force, token, log)
@@ -193,6 +194,8 @@ def _writing(out: PathLike, force: bool, log: Optional[Log], folder: bool) -> It
                     raise DestinationError(
                         f'no space left on the device for {dest.shown} ({e.strerror}); {dest.shown} {state}: free '
                         f'some space or write it elsewhere') from e
+                if committing and isinstance(e, OSError) and not isinstance(e, DestinationError):
+                    raise _not_put_in_place(dest, e) from e
                 raise
     except BaseException:
         for parent in created:
@@ -201,6 +204,19 @@ def _writing(out: PathLike, force: bool, log: Optional[Log], folder: bool) -> It
             except OSError:
                 break
         raise
+
+
+def _not_put_in_place(dest: _Destination, error: OSError) -> DestinationError:
+    """The one-line error for a complete output the OS would not move into place (``dest`` immutable,
+    its folder not writable): every rename of the swap either happened whole or was undone, so what
+    was at ``dest`` is still there."""
+    if os.path.lexists(dest.path):
+        return DestinationError(
+            f'{dest.shown} could not be replaced ({error.strerror or error}): it is left as it was; make it and the '
+            f'folder it is in writable, or write elsewhere')
+    return DestinationError(
+        f'{dest.shown} could not be written ({error.strerror or error}); make the folder it is in writable, or write '
+        f'elsewhere')
 
 
 def _make_parents(folder: Path) -> List[Path]:

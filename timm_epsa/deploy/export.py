@@ -6,7 +6,6 @@ What ONNX Runtime gets is one ONNX file at OUT. OpenVINO's IR is two files that 
 in a hidden sibling (:mod:`timm_epsa.staging`) and takes OUT's name only once the runtime has run
 it and matched eager PyTorch (:func:`timm_epsa.deploy.export_model`).
 """
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from timm.models import split_model_name_tag
 
 from ..escaping import first_line
 from ..hub import CONFIG_NAME, WEIGHTS_NAME
-from ..hub.checkpoint import MAX_SIDE, CheckpointError
+from ..hub.checkpoint import CheckpointError
 from ..hub.convert import model_from_checkpoint
+from ..hub.folder import check_config_json
 from ..models.epsanet import MODEL_NAMES, check_model_name
 from ..staging import destination_path, staged_file, staged_folder
 from .forms import OPENVINO
@@ -170,23 +170,7 @@ def _model_from_folder(path: Path, hides: bool) -> Tuple[nn.Module, str, str]:
                 f', which hides the model name {path}: run from a directory without such a folder to export the '
                 f'model with random weights' if hides else
                 ': give one written by timm-epsa convert or quickstart, a checkpoint file, or a model name'))
-    try:
-        config = json.loads(config_path.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f'{config_path} is not valid JSON ({first_line(e)}); write the folder again with '
-                         f'timm-epsa convert') from None
-    name = config.get('architecture') if isinstance(config, dict) else None
-    if name not in MODEL_NAMES:
-        raise ValueError(f"{path} holds {name!r}, not an EPSANet variant ({', '.join(MODEL_NAMES)})")
-    for part in ('pretrained_cfg', 'model_args'):
-        if not isinstance(config.get(part, {}), dict):
-            raise ValueError(f'{config_path}: its {part} is a {type(config[part]).__name__}, not a mapping of names to '
-                             f'values; write the folder again with timm-epsa convert')
-    size = config.get('pretrained_cfg', config).get('input_size')  # timm reads it from the top in old configs
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
-            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SIDE for n in size)):
-        raise ValueError(f'{config_path} gives input_size {size}, which is not [channels, height, width] of 1 to '
-                         f'{MAX_SIDE}; correct it, or write the folder again with timm-epsa convert')
+    name = check_config_json(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f'{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}; write the folder again with timm-epsa '
                          f'convert')

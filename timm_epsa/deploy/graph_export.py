@@ -12,7 +12,7 @@ import logging
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -46,6 +46,9 @@ class ExportReport:
     batch_size: Optional[int]  # None: any batch size
     checked_batch_sizes: Tuple[int, ...]
     max_error: float  # the largest output_error
+    # The outputs were the same for every input (a classifier of zero weights), which no wrong graph
+    # before the classifier can change: max_error is then that of the features the classifier reads.
+    features_checked: bool = False
 
 
 def export_model(
@@ -77,12 +80,36 @@ def export_model(
         else:
             _export_openvino(graph, out, input_size, batch_size)
         checked = (batch_size,) if batch_size else CHECK_BATCHES
-        error = max(_check(reference, runtime, out, (batch, *input_size)) for batch in checked)
+        errors, constant = zip(*(_check(reference, runtime, out, (batch, *input_size)) for batch in checked))
+        if all(constant):
+            return replace(_check_features(reference, out, runtime, batch_size, img_size), files=files)
     except BaseException:
         for path in files:
             path.unlink(missing_ok=True)
         raise
-    return ExportReport(runtime, files, input_size, batch_size, checked, error)
+    return ExportReport(runtime, files, input_size, batch_size, checked, max(errors))
+
+
+def _check_features(
+        reference: nn.Module, out: Path, runtime: str, batch_size: Optional[int], img_size: Optional[int],
+) -> ExportReport:
+    """Where ``reference``'s outputs are the same for every input, equal outputs of the runtime show
+    nothing about the graph before the classifier: export and check that graph, the features the
+    classifier reads (the same rewrite of the same layers), in a temporary file beside ``out``."""
+    classifier = getattr(reference, 'get_classifier', lambda: None)()
+    if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
+        raise ExportCheckError(
+            "eager PyTorch's output is the same for every input, so the runtime's matching it shows nothing, and "
+            "the model has no classifier to look before: export trained weights")
+    features = copy.deepcopy(reference)
+    features.reset_classifier(0)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix='.features-') as tmp:
+        try:
+            report = export_model(features, Path(tmp) / out.name, runtime, batch_size, img_size)
+        except ExportCheckError as e:
+            raise ExportCheckError(f'{e} (checked on the features before the classifier: the outputs are the same '
+                                   f'for every input)') from e
+    return replace(report, features_checked=True)
 
 
 def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
@@ -140,7 +167,9 @@ def output_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float(((actual - expected).abs().amax(1) / spread).max())
 
 
-def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...]) -> float:
+def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...]) -> Tuple[float, bool]:
+    """The runtime's output_error on ``path`` at ``shape``, and whether eager PyTorch's outputs were all
+    equal (then they show nothing of the graph before the last layer)."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference(x)
@@ -160,7 +189,8 @@ def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...
         raise ExportCheckError(
             f'{runtime} output differs from eager PyTorch by {error:.1e} of the outputs\' spread at batch '
             f'{shape[0]}, more than {TOLERANCE:.0e}: export removed')
-    return error
+    flat = expected.flatten(1)
+    return error, bool((flat == flat[:, :1]).all())
 
 
 @contextmanager

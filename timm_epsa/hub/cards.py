@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..escaping import code_block
 from ..models.measure import ModelFacts
 
-__all__ = ['CardDataset', 'IMAGENET_1K', 'card_repo_id', 'render_model_card', 'variant_info']
+__all__ = ['CardDataset', 'IMAGENET_1K', 'card_repo_id', 'check_accuracy', 'render_model_card', 'variant_info']
 
 _CARDS = files('timm_epsa.hub') / 'card_templates'
 _TITLE = '# Model card for '  # the template's first heading, followed by the repo id
@@ -37,6 +37,14 @@ IMAGENET_1K = CardDataset('ImageNet-1k', 'imagenet-1k', 'validation')
 def variant_info() -> Dict[str, Dict[str, Any]]:
     """Title, the paper's ImageNet figures and the Large flag of every variant, by model name."""
     return json.loads((_CARDS / 'variants.json').read_text(encoding='utf-8'))
+
+
+def check_accuracy(top1: Optional[float], top5: Optional[float]) -> None:
+    """Refuse a top-5 accuracy below the top-1 of the same evaluation: every top-1 hit is a top-5 hit,
+    so such a pair was mistyped or measured apart, and a card would publish it."""
+    if top1 is not None and top5 is not None and top5 < top1:
+        raise ValueError(f'top-5 accuracy {top5:g}% is below top-1 {top1:g}%, which it cannot be (every top-1 hit is '
+                         f'a top-5 hit): give both of one evaluation')
 
 
 def render_model_card(
@@ -60,6 +68,7 @@ def render_model_card(
             whatever in it comes from outside must already be escaped (:mod:`timm_epsa.escaping`).
         train_args: the training command line the checkpoint records, shown as a code block.
     """
+    check_accuracy(top1, top5)
     variants = variant_info()
     metrics = [(value, kind, name) for value, kind, name in (
         (top1, 'accuracy', 'Top-1 accuracy (%)'),

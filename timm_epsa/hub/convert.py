@@ -22,6 +22,7 @@ from ..escaping import code_span, shell_word
 from ..models.epsanet import MODEL_NAMES
 from ..models.measure import ModelFacts
 from ..staging import destination_path, staged_folder
+from .cards import check_accuracy
 from .checkpoint import Checkpoint, check_weights, nonfinite_weights_allowed, read_checkpoint, recorded_data_config
 from .folder import write_hub_folder
 from .repos import check_repo_id, hub_repo_id
@@ -73,6 +74,7 @@ def convert_checkpoint(
     """
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODEL_NAMES)}")
+    check_accuracy(top1, top5)  # before the work, which the card would refuse after it
     src, out_dir = Path(src), Path(out_dir)
     repo_id = check_repo_id(repo_id) if repo_id is not None else hub_repo_id(model_name)
     if force and destination_path(out_dir) in src.resolve().parents:

@@ -6,6 +6,7 @@ reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_e
 is checked by loading it back the way users will, and before it is published its ``config.json`` is
 checked against its weights (:func:`check_config_fits_weights`).
 """
+import json
 import os
 import re
 from pathlib import Path
@@ -17,13 +18,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..escaping import first_line
+from ..models.epsanet import MODEL_NAMES
 from ..models.measure import ModelFacts, measure_model
 from .cards import IMAGENET_1K, CardDataset, render_model_card
-from .checkpoint import CheckpointError, CheckpointMismatchError, check_fits
+from .checkpoint import MAX_SIDE, MIN_EXPORT_SIDE, CheckpointError, CheckpointMismatchError, check_fits
 from .config_json import save_for_hub
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ['HubFolderError', 'check_config_fits_weights', 'verify_hub_folder', 'write_hub_folder']
+__all__ = ['HubFolderError', 'check_config_fits_weights', 'check_config_json', 'verify_hub_folder', 'write_hub_folder']
 
 
 class HubFolderError(RuntimeError):
@@ -99,16 +101,50 @@ def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: 
         raise HubFolderError('the converted model does not reproduce the source model outputs')
 
 
+def check_config_json(folder: Path) -> str:
+    """The EPSANet variant ``folder``'s ``config.json`` names, once the fields timm reads without a
+    check are checked (what the file is, its architecture, the types of its parts, its input size,
+    where one too large would be allocated before anything else fails): ``ValueError`` naming the
+    field otherwise. Export and push run it alike, so that no folder one refuses the other takes."""
+    config_path = folder / CONFIG_NAME
+    again = 'write the folder again with timm-epsa convert'
+    try:
+        config = json.loads(config_path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not valid JSON ({first_line(e)}); {again}') from None
+    if not isinstance(config, dict):
+        raise ValueError(f'{config_path} is not a JSON object (it holds a {type(config).__name__}); {again}')
+    if 'architecture' not in config:
+        raise ValueError(f'{config_path} has no "architecture"; {again}')
+    name = config['architecture']
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{folder} holds {name!r}, not an EPSANet variant ({', '.join(MODEL_NAMES)})")
+    for part in ('pretrained_cfg', 'model_args'):
+        if not isinstance(config.get(part, {}), dict):
+            raise ValueError(f'{config_path}: its {part} is a {type(config[part]).__name__}, not a mapping of names to '
+                             f'values; {again}')
+    size = config.get('pretrained_cfg', config).get('input_size')  # timm reads it from the top in old configs
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
+            isinstance(n, int) and not isinstance(n, bool) and low <= n <= MAX_SIDE
+            for n, low in zip(size, (1, MIN_EXPORT_SIDE, MIN_EXPORT_SIDE)))):
+        raise ValueError(f'{config_path} gives input_size {size}, which is not [channels, height, width] of 1 to '
+                         f'{MAX_SIDE} channels and sides of {MIN_EXPORT_SIDE} to {MAX_SIDE} pixels; correct it, or '
+                         f'{again}')
+    return name
+
+
 def check_config_fits_weights(folder: Path) -> None:
     """Raise :class:`CheckpointError` unless the network ``folder``'s ``config.json`` describes
     (``architecture``, ``model_args``, ``num_classes``: what timm's ``local-dir:`` and transformers'
-    ``TimmWrapper`` build alike) holds exactly the tensors of its ``model.safetensors``, by name and shape.
+    ``TimmWrapper`` build alike) holds exactly the tensors of its ``model.safetensors``, by name and shape;
+    ``ValueError`` where :func:`check_config_json`, which export runs too, refuses ``config.json``.
 
     timm refuses such a folder when it loads it; transformers loads it, with random layers where
     weights are missing and without those it does not know, saying so only in a load report, and no
     plugin can make it strict (docs/clients.md). So a folder is checked before it is published; the
     network is built on the meta device and the weights' shapes read from the file's header.
     """
+    check_config_json(folder)
     config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     try:
         with torch.device('meta'):  # whatever the architecture: not every timm model takes device=
