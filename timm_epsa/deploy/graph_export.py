@@ -24,7 +24,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from ..escaping import first_line
-from .calibration import calibration_images
+from .calibration import CalibrationImages, calibration_images
 from .forms import ONNXRUNTIME, OPENVINO, branch_form
 from .precision import BF16, FP32, INT8
 from .quantization import quantize, top1_agreement
@@ -42,7 +42,8 @@ CHECK_BATCHES = (1, 3)  # a dynamic batch is checked at sizes other than the tra
 
 
 class ExportCheckError(ExportError):
-    """The runtime's output on the exported file differs from eager PyTorch by more than ``TOLERANCE``."""
+    """The exported file failed its check: its outputs differ from eager PyTorch by more than the tolerance, or
+    its int8 top-1 classes agree with fp32's too rarely."""
 
 
 @dataclass(frozen=True)
@@ -111,26 +112,37 @@ def export_model(
             error = max(_check(reference, runtime, fp32_path, (batch, *input_size)) for batch in checked)
             report = ExportReport(runtime, files, input_size, batch_size, checked, error, precision, tuned=tuned)
             if precision == BF16:
-                bf16_error = max(_check(reference, runtime, out, (batch, *input_size), BF16, BF16_TOLERANCE)
-                                 for batch in checked)
-                report = replace(report, runs_in=load_runner(runtime, out, precision=BF16).runs_in,
-                                 precision_error=bf16_error)
+                report = _checked_in_bf16(report, reference, out)
             elif precision == INT8:
-                log(f'quantizing to int8, calibrated on {len(images.calibration)} images of {images.folder}')
-                quantize(runtime, fp32_path, out, images)
-                run = load_runner(runtime, out, precision=INT8)
-                agreement, held_out = top1_agreement(reference, run, images, batch_size)
-                if not agreement >= min_agreement:
-                    raise ExportCheckError(
-                        f'the int8 model agrees with eager fp32 on the top-1 class of {agreement:.1%} of {held_out} '
-                        f'held-out images of {images.folder}, less than {min_agreement:.0%}: export removed; calibrate '
-                        f'on images like those the model will see, or export fp32')
-                report = replace(report, runs_in=run.runs_in, agreement=agreement, held_out=held_out)
+                report = _quantized(report, reference, fp32_path, out, images, min_agreement, log)
     except BaseException:
         for path in files:
             path.unlink(missing_ok=True)
         raise
     return report
+
+
+def _checked_in_bf16(report: ExportReport, reference: nn.Module, path: Path) -> ExportReport:
+    """``report`` with the file at ``path``, checked in fp32, run in bf16 and checked within ``BF16_TOLERANCE``."""
+    error = max(_check(reference, report.runtime, path, (batch, *report.input_size), BF16, BF16_TOLERANCE)
+                for batch in report.checked_batch_sizes)
+    return replace(report, runs_in=load_runner(report.runtime, path, precision=BF16).runs_in, precision_error=error)
+
+
+def _quantized(report: ExportReport, reference: nn.Module, fp32_path: Path, out: Path, images: CalibrationImages,
+               min_agreement: float, log: Callable[[str], None]) -> ExportReport:
+    """``report`` with the checked fp32 file at ``fp32_path`` quantized to ``out`` on ``images`` and its
+    top-1 classes checked against eager fp32's on the held-out ones."""
+    log(f'quantizing to int8, calibrated on {len(images.calibration)} images of {images.folder}')
+    quantize(report.runtime, fp32_path, out, images)
+    run = load_runner(report.runtime, out, precision=INT8)
+    agreement, held_out = top1_agreement(reference, run, images, report.batch_size)
+    if not agreement >= min_agreement:
+        raise ExportCheckError(
+            f'the int8 model agrees with eager fp32 on the top-1 class of {agreement:.1%} of {held_out} held-out '
+            f'images of {images.folder}, less than {min_agreement:.0%}: export removed; calibrate on images like '
+            f'those the model will see, or export fp32')
+    return replace(report, runs_in=run.runs_in, agreement=agreement, held_out=held_out)
 
 
 def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
