@@ -95,17 +95,30 @@ def load_plugins() -> None:
     from importlib.metadata import distributions
 
     plugins = {}
+    unreadable = []
     try:
         # Every copy of every distribution, not only the first of each name as `entry_points()`
         # reads: a stale `*.egg-info` in the working directory would hide the installed metadata.
+        # One whose entry points cannot be read (undecodable, damaged) is skipped, not the rest.
         for dist in distributions():
-            for ep in dist.entry_points:
+            try:
+                entry_points = dist.entry_points
+            except Exception as e:
+                unreadable.append(f"{getattr(dist, '_path', dist)} ({type(e).__name__}: {e})")
+                continue
+            for ep in entry_points:
                 if ep.group == ENTRY_POINT_GROUP:
                     plugins.setdefault(ep.value, ep)
     except Exception as e:
         warnings.warn(
             f'Could not list the timm model plugins (entry-point group {ENTRY_POINT_GROUP!r}): '
             f'{type(e).__name__}: {e}',
+            RuntimeWarning,
+        )
+    if unreadable:
+        warnings.warn(
+            f'timm model plugins: skipped the entry points of {len(unreadable)} installed '
+            f"distribution{'s' if len(unreadable) > 1 else ''} that could not be read: {'; '.join(unreadable)}",
             RuntimeWarning,
         )
 

@@ -1,4 +1,5 @@
-"""Build glue for what pyproject.toml cannot declare: ``timm_epsa_autoload.pth``.
+"""Build glue for what pyproject.toml cannot declare: ``timm_epsa_autoload.pth``, and README.md with
+absolute links as the PyPI page's description.
 
 Everything else lives in pyproject.toml. The .pth file sits at the top of site-packages, where
 Python runs its ``import`` line at every start-up; the line installs the hook in
@@ -11,8 +12,15 @@ setuptools generates plus what is written to the ``install`` command's ``install
 unpacked wheel); ``build_lib`` is discarded there.
 """
 import os
+import re
+import sys
 
 from setuptools import Command, setup
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a build requirement there (pyproject.toml)
+    import tomli as tomllib
 from setuptools.command.build import build
 
 # .pth files are read in name order: this one must come after setuptools' editable finder
@@ -67,4 +75,23 @@ class build_with_pth(build):
     sub_commands = [*build.sub_commands, ('build_pth', None)]
 
 
-setup(cmdclass={'build': build_with_pth, 'build_pth': build_pth})
+# A Markdown link or image target that is a path in this repository: no scheme, not an anchor.
+_RELATIVE_LINK = re.compile(r'(\]\()(?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)\)')
+
+
+def pypi_readme(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """README.md with its links to files of the repository (``docs/hub.md``, ``hub_cards/``) made
+    absolute, ``<Repository>/blob/main/<path>``: the PyPI page has no files beside it. The one
+    source of the text stays README.md, and of the address pyproject.toml's ``Repository`` URL."""
+    with open(os.path.join(here, 'pyproject.toml'), 'rb') as f:
+        repository = tomllib.load(f)['project']['urls']['Repository'].rstrip('/')
+    with open(os.path.join(here, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    return _RELATIVE_LINK.sub(lambda m: f'{m.group(1)}{repository}/blob/main/{m.group(2)})', readme)
+
+
+setup(
+    cmdclass={'build': build_with_pth, 'build_pth': build_pth},
+    long_description=pypi_readme(),
+    long_description_content_type='text/markdown',
+)

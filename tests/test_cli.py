@@ -1,6 +1,9 @@
 """The ``timm-epsa`` command: convert, push, info, card, and the model cards in hub_cards/."""
 import argparse
+import importlib.metadata
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,10 +54,10 @@ def test_convert_writes_what_timm_writes_and_a_card(converted, tmp_path):
                  '| **EPSANet-50 (Small)** | **22.56**', 'Mask R-CNN', '--decay-epochs 30',
                  '@inproceedings{zhang2022epsanet'):
         assert text in card.text, text
-    # the recorded arguments as one shell line, in a code block their backticks cannot close
-    assert ("\n````\n--model epsanet50 --epochs 120 --opt sgd --lr 0.1 "
-            "--aa 'rand-m9 ``` # Injected heading <img src=x onerror=alert(1)>'\n````\n") in card.text
-    assert '\n# Injected' not in card.text and card.text.count('<img') == 1
+    # the recorded arguments as one shell line, in a block where none of their text is markup, even in the file
+    assert ("\n<pre><code>--model epsanet50 --epochs 120 --opt sgd --lr 0.1 "
+            "--aa 'rand-m9 ``` # Injected heading &lt;img src=x onerror=alert(1)&gt;'</code></pre>\n") in card.text
+    assert '\n# Injected' not in card.text and '<img' not in card.text
 
 
 @pytest.mark.parametrize('content, ema, kind, keys, metric', [
@@ -270,6 +273,43 @@ def test_push_refuses_before_contacting_the_hub(converted, capsys, tmp_path, fak
     assert fake_hub_api == []
 
 
+@pytest.mark.parametrize('repo_id', ['bad id', 'me/too/deep'])
+def test_push_to_an_invalid_repo_id_says_the_id_is_invalid(converted, capsys, fake_hub_api, repo_id):
+    """Not that the card is for another repo (which it also is): the id comes first."""
+    _, folder, _ = converted
+    status, _, err = run_cli(capsys, 'push', folder, repo_id)
+    assert status == 1
+    assert_one_line_error(
+        err, 'push', f'REPO_ID {repo_id!r} is not a repo id the Hub accepts (', 'e.g. me/epsanet50.in1k')
+    assert 'written for' not in err and fake_hub_api == []
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda config: config.update(architecture='epsanet101'),
+     'model.safetensors does not fit the epsanet101 that {folder}/config.json describes: 425 missing: '
+     'layer3.6.conv1.weight'),
+    (lambda config: config.pop('architecture'),
+     "{folder}/config.json does not describe a model timm can build: it has no 'architecture'"),
+    (lambda config: config.update(model_args={'foo': 1}),
+     "{folder}/config.json does not describe a model timm can build: config.json's model_args for epsanet50: 'foo' "
+     "is not an argument epsanet50 takes"),
+], ids=['architecture-swapped', 'no-architecture', 'unknown-model-arg'])
+def test_push_refuses_a_folder_whose_config_does_not_describe_its_weights(
+        converted, capsys, tmp_path, fake_hub_api, edit, message):
+    """An architecture swapped in config.json: timm refuses the folder, transformers would load it
+    with random layers (tests/test_transformers.py); it is not published."""
+    _, folder, _ = converted
+    edited = tmp_path / 'edited'
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / 'config.json').read_text())
+    edit(config)
+    (edited / 'config.json').write_text(json.dumps(config))
+    status, _, err = run_cli(capsys, 'push', edited, 'timm-epsa/epsanet50.in1k')
+    assert status == 1
+    assert_one_line_error(err, 'push', message.format(folder=edited))
+    assert fake_hub_api == []
+
+
 def test_info_lists_variants_and_that_no_weights_are_published(capsys):
     """With a namespace it names the repos and the cached copies: see test_hub.py."""
     status, out, _ = run_cli(capsys, 'info')
@@ -320,3 +360,40 @@ def test_unknown_model_is_a_usage_error(capsys):
         cli.main(['info', 'resnet50'])
     assert exit_.value.code == 2
     assert "unknown model 'resnet50'; choose from epsanet50" in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys):
+    """`timm-epsa --version`, and the installed metadata carries the same version (one source)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(['--version'])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f'timm-epsa {timm_epsa.__version__}\n'
+    assert importlib.metadata.version('timm-epsa') == timm_epsa.__version__
+
+
+@pytest.mark.parametrize('error', [
+    PermissionError(13, 'Permission denied', '/srv/models/out'),
+    FileNotFoundError(2, 'No such file or directory', '/srv/models/missing.pth'),
+], ids=['permission', 'missing'])
+def test_an_os_error_of_the_user_is_one_line(capsys, monkeypatch, error):
+    """Only a closed output pipe ends quietly: other OSErrors are the user's to fix."""
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, '_info', fail)
+    status, _, err = run_cli(capsys, 'info')
+    assert status == 1
+    assert_one_line_error(err, 'info', f'{error.strerror}: {error.filename!r}')
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_the_command_quietly_as_sigpipe_ends_a_unix_tool():
+    """`timm-epsa info | head -1`: no error text, no traceback, and the status SIGPIPE gives (the
+    shell's pipeline gives head's status, 0)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write, whatever the timing (head's is not)
+    try:
+        closed = subprocess.run([sys.executable, '-m', 'timm_epsa', 'info', 'epsanet50'],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (closed.returncode, closed.stderr) == (128 + signal.SIGPIPE, '')

@@ -1,6 +1,8 @@
 """Deployment: every exact rewrite against the unmodified eager model in float64, the forms chosen per
 runtime, export round trips through ONNX Runtime and OpenVINO, and the errors a user can meet."""
 import copy
+import importlib
+import re
 
 import pytest
 import timm
@@ -9,8 +11,8 @@ from torch import nn
 
 from numerics import assert_relative_close
 from timm_epsa.deploy import (
-    DEPLOY_EXTRA, RUNTIMES, BranchForm, ExportCheckError, ExportError, MissingRuntimeError, PSAGraph, branch_form,
-    export_model, load_runner, require_runtime, rewrite_for_runtime)
+    DEPLOY_EXTRA, RUNTIMES, TOLERANCE, BranchForm, ExportCheckError, ExportError, MissingRuntimeError, PSAGraph,
+    branch_form, export_model, load_runner, require_runtime, rewrite_for_runtime)
 from timm_epsa.deploy import graph_export as export_module
 from timm_epsa.deploy.rewrite import rewrite_psa
 from timm_epsa.deploy.tracing import TRACE_BATCH
@@ -206,6 +208,57 @@ def test_failed_check_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_error_is_relative_to_each_samples_spread():
+    """One dominant logit hid an error of 6% of a typical logit under the error relative to the largest
+    output (6e-9); many equal outputs (ReLU's zeros), one output or all zero do not make it divide by 0."""
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 1e7
+    wrong = logits.clone()
+    wrong[1, :500] += 0.06
+    assert float((wrong - logits).abs().max() / logits.abs().max()) < TOLERANCE  # the old measure passed it
+    assert export_module.output_error(logits, wrong) > 0.05
+    assert export_module.output_error(logits, logits) == 0
+    features = torch.relu(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)))
+    error = export_module.output_error
+    assert error(features, features + 1e-7) < TOLERANCE < error(features, features + 1e-3)
+    assert export_module.output_error(torch.tensor([[3.]]), torch.tensor([[3.0003]])) == pytest.approx(1e-4, rel=1e-3)
+    assert export_module.output_error(torch.zeros(2, 5), torch.zeros(2, 5)) == 0
+    assert torch.isnan(torch.tensor(export_module.output_error(logits, wrong * torch.nan)))
+
+
+@pytest.mark.slow
+def test_a_wrong_branch_cannot_hide_under_a_dominant_logit(tmp_path, monkeypatch):
+    """A PSA branch 50% off, built on the real rewrite, in a classifier whose bias makes one logit 1e7:
+    relative to the largest output the runtime's error was 5e-10 and the export passed its check."""
+    pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8)),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 100)).eval()
+    net[-1].bias.data[7] = 1e7
+
+    def broken_rewrite(model, form_of):
+        graph = rewrite_psa(model, form_of)
+        graph[1].branches[-1].weight.data.mul_(1.5)
+        return graph
+
+    monkeypatch.setattr(export_module, 'rewrite_psa', broken_rewrite)
+    with pytest.raises(ExportCheckError, match="onnxruntime output differs from eager PyTorch by .* of the outputs' "
+                                               "spread at batch 1, more than 1e-04: export removed"):
+        export_model(net, tmp_path / 'net.onnx', 'onnxruntime', img_size=16, tune=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_eager_outputs_are_blamed_on_the_weights_not_the_runtime(tmp_path, monkeypatch):
+    pytest.importorskip('onnxruntime')
+    net = nn.Sequential(nn.Conv2d(3, 4, 1)).eval()
+    net[0].weight.data[0] = torch.nan
+    monkeypatch.setattr(export_module, '_export_onnx', lambda graph, path, *args: path.write_bytes(b'onnx'))
+    with pytest.raises(ExportCheckError, match="eager PyTorch's own output holds inf or nan at batch 1: the model's "
+                                               "weights are not finite, or so large"):
+        export_model(net, tmp_path / 'net.onnx', 'onnxruntime', img_size=8)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('runtime', RUNTIMES)
 def test_missing_runtime_names_the_extra(runtime, tmp_path, hide_package):
     hide_package(runtime)
@@ -213,6 +266,23 @@ def test_missing_runtime_names_the_extra(runtime, tmp_path, hide_package):
         export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.xml', runtime)
     message = str(error.value)
     assert DEPLOY_EXTRA in message and runtime in message and '\n' not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_runtime_that_fails_to_import_otherwise_is_one_line(tmp_path, monkeypatch):
+    """A broken install raises what it likes on import (OSError for a missing shared library, ...)."""
+    real_import = importlib.import_module
+
+    def broken(name, *args):
+        if name == 'onnxruntime':
+            raise OSError('libonnxruntime.so.1: cannot open shared object file\nsecond line')
+        return real_import(name, *args)
+    monkeypatch.setattr(importlib, 'import_module', broken)
+    with pytest.raises(ExportError, match=re.escape(
+            'exporting for onnxruntime needs the onnxruntime package, which is installed but fails to import '
+            '(OSError: libonnxruntime.so.1: cannot open shared object file): reinstall it, pip install '
+            '--force-reinstall onnxruntime')):
+        export_model(nn.Conv2d(3, 3, 1), tmp_path / 'model.onnx', 'onnxruntime')
     assert list(tmp_path.iterdir()) == []
 
 

@@ -176,14 +176,62 @@ def test_pretrained_backbone_comes_through_timms_hub_route(hub, weights):
     assert ('GET', '/lab/epsanet50.tiny/resolve/main/model.safetensors') in hub.requests
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(model_name='resnet50'), r"unknown model 'resnet50'; choose from epsanet50, epsanet101"),
-    (dict(model_name='epsanet50.coco'), r"epsanet50 has no tag 'coco'; its tags: epsanet50.in1k"),
-    (dict(trainable_layers=6), r'trainable backbone layers must be 0 \(backbone frozen\) to 5 .*, got 6'),
-    (dict(trainable_layers=-1), r'trainable backbone layers must be 0 .*, got -1'),
-    (dict(returned_layers=(0, 4)), r'returned_layers=\(0, 4\) must name distinct stages among 1, 2, 3, 4'),
-    (dict(returned_layers=()), r'returned_layers=\(\) must name distinct stages'),
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(model_name='resnet50'), ValueError, r"unknown model 'resnet50'; choose from epsanet50, epsanet101"),
+    (dict(model_name='epsanet50.coco'), ValueError, r"epsanet50 has no tag 'coco'; its tags: epsanet50.in1k"),
+    (dict(trainable_layers=6), ValueError,
+     r'epsanet_fpn_backbone: trainable_layers=6 is out of range; pass an int from 0 to 5'),
+    (dict(trainable_layers=-1), ValueError, r'trainable_layers=-1 is out of range'),
+    (dict(returned_layers=(0, 4)), ValueError,
+     r'returned_layers=\(0, 4\) is out of range; pass ints from 1 to 4, distinct stages'),
+    (dict(returned_layers=()), ValueError, r'returned_layers=\(\) is empty'),
+    (dict(returned_layers=(2, 2)), ValueError, r'returned_layers=\(2, 2\) names a stage twice'),
+    (dict(out_channels=0), ValueError, r'out_channels=0 is out of range; pass an int of at least 1'),
+    # values of the wrong kind: each used to fail with a raw AttributeError or TypeError, or be taken for another
+    (dict(model_name=None), TypeError, r'model_name=None is not a model name; choose from epsanet50'),
+    (dict(trainable_layers=2.5), TypeError, r'trainable_layers=2\.5 is not a whole number; pass an int from 0 to 5'),
+    (dict(trainable_layers='3'), TypeError, r"trainable_layers='3' is not a whole number"),
+    (dict(trainable_layers=True), TypeError, r'trainable_layers=True is not a whole number'),
+    (dict(returned_layers=4), TypeError, r'returned_layers=4 is not a list or tuple of whole numbers'),
+    (dict(pretrained='no'), TypeError, r"pretrained='no' is not a flag; pass True or False"),
+    (dict(frozen_bn='no'), TypeError, r"frozen_bn='no' is not a flag; pass True, False or None"),
+    (dict(out_indices=(1,)), TypeError,
+     r'\*\*kwargs sets out_indices, which epsanet_fpn_backbone passes to timm.create_model itself; leave it out'),
 ])
-def test_bad_arguments_are_refused_in_one_line(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_backbone_arguments_are_refused_in_one_line(kwargs, error, message):
+    with pytest.raises(error, match=message):
         epsanet_fpn_backbone(**kwargs)
+
+
+@pytest.mark.parametrize('build, kwargs, error, message', [
+    (fasterrcnn_epsanet_fpn, dict(num_classes=0), ValueError,
+     r'fasterrcnn_epsanet_fpn: num_classes=0 is out of range; pass an int of at least 2'),
+    (maskrcnn_epsanet_fpn, dict(num_classes=1), ValueError,
+     r'num_classes=1 is out of range; pass an int of at least 2'),
+    (retinanet_epsanet_fpn, dict(num_classes=0), ValueError,
+     r'retinanet_epsanet_fpn: num_classes=0 is out of range; pass an int of at least 1'),
+    (fasterrcnn_epsanet_fpn, dict(num_classes=2.5), TypeError, r'num_classes=2\.5 is not a whole number'),
+    (fasterrcnn_epsanet_fpn, dict(model_name=None), TypeError, r'model_name=None is not a model name'),
+    (retinanet_epsanet_fpn, dict(trainable_backbone_layers='3'), TypeError,
+     r"retinanet_epsanet_fpn: trainable_backbone_layers='3' is not a whole number; pass an int from 0 to 5"),
+    (maskrcnn_epsanet_fpn, dict(pretrained_backbone='no'), TypeError, r"pretrained_backbone='no' is not a flag"),
+    (fasterrcnn_epsanet_fpn, dict(backbone_kwargs=3), TypeError,
+     r'backbone_kwargs=3 is not a dict; pass a dict of timm\.create_model arguments'),
+    (fasterrcnn_epsanet_fpn, dict(backbone_kwargs=dict(pretrained=True)), TypeError,
+     r'backbone_kwargs sets pretrained, which fasterrcnn_epsanet_fpn passes to timm.create_model itself; pass '
+     r'pretrained_backbone=True instead'),
+    (retinanet_epsanet_fpn, dict(backbone_kwargs=dict(features_only=False)), TypeError,
+     r'backbone_kwargs sets features_only, .* leave it out'),
+])
+def test_bad_detector_arguments_are_refused_in_one_line(build, kwargs, error, message):
+    """Before anything is built: `num_classes=0` used to build a detector that classifies nothing."""
+    with pytest.raises(error, match=message):
+        build(**{'backbone_kwargs': dict(TINY, device='meta'), **kwargs})
+
+
+def test_a_box_predictor_of_ones_own_takes_num_classes_none():
+    """As in torchvision: num_classes=None is how a detector takes a predictor of the user's own."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    predictor = FastRCNNPredictor(1024, 5)
+    model = fasterrcnn_epsanet_fpn(num_classes=None, box_predictor=predictor, backbone_kwargs=TINY)
+    assert model.roi_heads.box_predictor is predictor

@@ -1,11 +1,15 @@
 """``timm-epsa export``: each kind of SOURCE reaches a runtime that computes what eager PyTorch does,
 and every way it can go wrong is one line that leaves OUT as it was."""
 
+import json
+import os
+import pickle
 import shutil
 
 import pytest
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
 from cli_run import assert_one_line_error, run_cli
@@ -147,6 +151,7 @@ def test_bad_options_are_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize('force', [False, True])
 def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
+    pytest.importorskip('openvino')  # a runtime that is not installed is refused first
     checkpoint = tmp_path / 'run' / 'model_best.pth.tar'
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b'my weights')
@@ -158,11 +163,16 @@ def test_out_that_would_replace_the_source_is_refused(tmp_path, capsys, force):
 
 
 def test_options_that_do_not_fit_the_source_or_runtime_are_refused(converted, tmp_path, capsys):
+    for runtime in ('onnxruntime', 'openvino'):  # a runtime that is not installed is refused first
+        pytest.importorskip(runtime)
     _, folder, _ = converted
     for args, fragments in [
         (['epsanet50', tmp_path / 'ir.xml', '--runtime', 'openvino'], ('is a folder for openvino', f"{tmp_path / 'ir'}-ir")),
-        ([folder, tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--ema'], ('--model and --ema are for a checkpoint',)),
-        (['epsanet50', tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--model', 'epsanet101'], ('--model and --ema',)),
+        (['epsanet50', tmp_path / 'm.onnx', '--runtime', 'openvino'], ('is a folder for openvino', f"{tmp_path}/m-ir")),
+        ([folder, tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--ema'],
+         ('--model, --ema and --ignore-train-args are for a checkpoint',)),
+        (['epsanet50', tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--model', 'epsanet101'], ('--model, --ema',)),
+        ([folder, tmp_path / 'm.onnx', '--runtime', 'onnxruntime', '--ignore-train-args'], ('--model, --ema',)),
         (['epsanet50', tmp_path / 'config.json', '--runtime', 'onnxruntime'], ('must end in .onnx',)),
         ([folder, folder / 'model.onnx', '--runtime', 'onnxruntime'], ('is inside the SOURCE folder',)),
     ]:
@@ -170,3 +180,93 @@ def test_options_that_do_not_fit_the_source_or_runtime_are_refused(converted, tm
         assert status == 1
         assert_one_line_error(err, 'export', *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def tiny_folder(folder, config_change=None, weights=None):
+    """A Hub folder of epsanet50 with layers=(1, 1, 1, 1), its config.json changed by ``config_change``,
+    its model.safetensors replaced by the bytes ``weights``."""
+    save_for_hf(timm.create_model('epsanet50', layers=(1, 1, 1, 1)), folder, model_args=dict(layers=[1, 1, 1, 1]),
+                safe_serialization=True)
+    if config_change:
+        config = json.loads((folder / 'config.json').read_text())
+        config_change(config)
+        (folder / 'config.json').write_text(json.dumps(config))
+    if weights is not None:
+        (folder / 'model.safetensors').write_bytes(weights)
+    return folder
+
+
+@pytest.mark.parametrize('config_change, weights, options, fragments', [
+    (lambda c: c['model_args'].update(bogus=1), None, [],
+     ("config.json's model_args for epsanet50: 'bogus' is not an argument epsanet50 takes",
+      'remove it from config.json')),
+    (None, pickle.dumps({'conv1.weight': [0.0]}), [], ('model.safetensors is not a valid safetensors file (',)),
+    (None, b'', [], ('model.safetensors is not a valid safetensors file (', 'write it again')),
+    (None, bytes(range(256)) * 4, [], ('model.safetensors is not a valid safetensors file (',)),
+    (lambda c: c['pretrained_cfg'].update(input_size=[3, 0, 0]), None, [],
+     ('folder/config.json gives input_size [3, 0, 0], which is not [channels, height, width] of 1 to 8192; '
+      'correct it, or write the folder again with timm-epsa convert',)),
+    (lambda c: c['pretrained_cfg'].update(input_size=[3, 1e5, 1e5]), None, [],
+     ('config.json gives input_size [3, 100000.0, 100000.0], which is not [channels, height, width] of 1 to 8192',)),
+    (lambda c: c['pretrained_cfg'].update(input_size=[3, 64]), None, ['--img-size', 32],
+     ('config.json gives input_size [3, 64], which is not [channels, height, width]',)),
+    (lambda c: c.pop('pretrained_cfg'), None, [],
+     ('config.json does not describe a model timm can build (TypeError: PretrainedCfg.__init__() got an unexpected '
+      'keyword argument', 'write the folder again with timm-epsa convert')),
+    (lambda c: c['model_args'].update(layers='abc'), None, [], ('config.json does not describe a model timm can build',)),
+    (None, None, ['--batch-size', 4096, '--img-size', 4096],
+     ('runs it on a batch of 4096 images of 3x4096x4096, 825 GB of input',
+      'give a smaller --img-size or --batch-size')),
+], ids=['unknown-model-arg', 'pickle', 'empty', 'random-bytes', 'input-size-0', 'input-size-1e5', 'input-size-2d',
+    'no-pretrained_cfg', 'layers-a-string', 'input-too-large'])
+def test_a_folder_or_size_that_cannot_be_exported_is_one_line(capsys, tmp_path, config_change, weights, options,
+                                                               fragments):
+    """Each was a traceback (TypeError from ResNet.__init__, SafetensorError, an allocation failure or
+    torch.export's escape-coded pages), or for 4096x4096 images at batch 4096 an attempt at 824 GB."""
+    pytest.importorskip('onnxruntime')
+    folder = tiny_folder(tmp_path / 'folder', config_change, weights)
+    status, _, err = run_cli(capsys, 'export', folder, tmp_path / 'out.onnx', '--runtime', 'onnxruntime', *options)
+    assert status == 1
+    assert_one_line_error(err, 'export', *fragments)
+    assert [p.name for p in tmp_path.iterdir()] == ['folder']
+
+
+@pytest.mark.parametrize('source, out, fragments', [
+    ('epsanet50.in1k', '.onnx', ('OUT .onnx is a suffix without a name; give a name, e.g. model.onnx',)),
+    ('epsanet50', 'out.onnx', ('epsanet50 is not a readable PyTorch checkpoint',
+                               'the file epsanet50 here hides the model name epsanet50: run from a directory without '
+                               'such a file to export the model with random weights')),
+], ids=['out-named-.onnx', 'file-named-like-a-model'])
+def test_names_that_are_no_out_or_hide_a_model_are_said_so(capsys, tmp_path, monkeypatch, source, out, fragments):
+    """'OUT .onnx must end in .onnx'; a file named epsanet50 was an unreadable checkpoint, no more
+    (a folder of that name was already said to hide the model name)."""
+    pytest.importorskip('onnxruntime')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'epsanet50').write_text('my notes')
+    status, _, err = run_cli(capsys, 'export', source, out, '--runtime', 'onnxruntime')
+    assert status == 1
+    assert_one_line_error(err, 'export', *fragments)
+    assert os.listdir(tmp_path) == ['epsanet50']
+
+
+def test_a_checkpoint_with_impossible_recorded_arguments_exports_with_ignore_train_args(converted, capsys, tmp_path):
+    """export advised '--ignore-train-args to convert it', an option only convert had (and --ema's error
+    said 'convert it without --ema')."""
+    pytest.importorskip('onnxruntime')
+    checkpoint, _, _ = converted
+    content = torch.load(checkpoint, weights_only=False)
+    content['args'].std = [0.]
+    del content['state_dict_ema']
+    torch.save(content, tmp_path / 'ck.pth')
+    for option, fragments in [
+        ([], ('ck.pth: its training arguments record std=[0.0]',
+              "pass --ignore-train-args to use epsanet50's default preprocessing instead")),
+        (['--ema'], ('ck.pth holds no EMA weights (no state_dict_ema or model_ema); leave out --ema',)),
+    ]:
+        status, _, err = run_cli(capsys, 'export', tmp_path / 'ck.pth', tmp_path / 'm.onnx', '--runtime', 'onnxruntime',
+                                 *option)
+        assert status == 1
+        assert_one_line_error(err, 'export', *fragments)
+    model, name, _ = export_cli.model_from_source(tmp_path / 'ck.pth', ignore_train_args=True)
+    assert name == 'epsanet50' and model.pretrained_cfg['std'] == IMAGENET_DEFAULT_STD
+    assert [p.name for p in tmp_path.iterdir()] == ['ck.pth']

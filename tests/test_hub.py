@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from huggingface_hub import constants
 
 import timm_epsa  # noqa: F401  registers the models
 from timm_epsa.models.epsanet import MODEL_NAMES
-from timm.models import save_for_hf
+from timm.models import _builder, _hub, save_for_hf
 from timm_epsa.hub import PretrainedWeightsError, cached_weights
 from timm_epsa.hub.download import InvalidRevisionError
 from timm_epsa.hub.repos import NAMESPACE_ENV, hub_namespace
@@ -290,6 +291,43 @@ def test_a_revision_that_is_a_path_is_refused_before_huggingface_hub_writes_it(c
     assert torch.equal(_outputs(model, x), _outputs(source, x))
 
 
+@pytest.mark.parametrize('source', ['local-dir', 'hf-hub'])
+def test_a_folder_whose_classifier_does_not_match_its_config_names_the_config_field(hub, tmp_path, source):
+    """The class count comes from the folder's config.json: that is what to fix, not a keyword of
+    create_model the folder's user never passed."""
+    folder = _ten_class_repo(None, tmp_path, None, None)
+    config = json.loads((folder / 'config.json').read_text())
+    model_args = {'layers': [1, 1, 1, 1]}  # as convert writes it; timm < 1.0.31 writes no model_args itself
+    (folder / 'config.json').write_text(json.dumps({**config, 'num_classes': 1000, 'model_args': model_args}))
+    hub.serve('lab/ten-classes', folder)
+    name = f'local-dir:{folder}' if source == 'local-dir' else 'hf-hub:lab/ten-classes'
+    where = f'{folder}/config.json' if source == 'local-dir' else "the config.json of Hub repo 'lab/ten-classes'"
+    with pytest.raises((PretrainedWeightsError, timm_epsa.hub.checkpoint.CheckpointMismatchError), match=re.escape(
+            f'their classifier fc.weight (10, 2048) is for 10 classes, but {where} says "num_classes": 1000: set it '
+            f'to 10 there, or pass num_classes=<your number of classes> for a new classifier')) as error:
+        timm.create_model(name, pretrained=True)
+    assert 'pretrained_cfg_overlay' not in str(error.value).split(' To get pretrained')[0]
+
+
+@pytest.mark.parametrize('file, message', [
+    ('missing.safetensors', "Cannot load pretrained weights from the cfg's file='missing.safetensors': "
+                            "missing.safetensors: no such file (relative to {cwd}); pass the path of a weights file"),
+    ('folder', "file='folder': folder is a folder; give the checkpoint file in it (.pth, .pth.tar, .safetensors); "
+               "or load the folder with timm.create_model('local-dir:folder', pretrained=True)"),
+    ('/dev/null', "file='/dev/null': /dev/null is not a regular file"),
+    # safetensors' own words differ by version ('header too small', 'HeaderTooSmall')
+    ('empty.safetensors', 'empty.safetensors is not a valid safetensors file (Error while deserializing header: '),
+])
+def test_a_weights_file_in_the_overlay_that_is_none_is_refused_naming_it(tmp_path, monkeypatch, file, message):
+    """timm raised a FileNotFoundError without a message for a missing file and for a folder, and
+    safetensors' error for a damaged file names no file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'empty.safetensors').write_bytes(b'')
+    with pytest.raises(PretrainedWeightsError, match=re.escape(message.format(cwd=tmp_path))):
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=file))
+
+
 @pytest.mark.parametrize('model_args, message', [
     ({'pretrained': True}, "config.json's model_args for epsanet50 set pretrained, which timm.create_model sets "
                            "itself; remove it from config.json"),
@@ -304,14 +342,52 @@ def test_config_json_model_args_epsanet_cannot_take_are_refused_naming_them(conv
         timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
 
 
-def test_a_rule_whose_timm_function_is_gone_is_left_out_with_a_warning(monkeypatch):
-    """The rules wrap private timm functions: a timm release without one costs that rule, not the import."""
-    # timm as it is before the rules are attached, less one of the functions they wrap
-    for module, name in ((timm.models._builder, 'load_pretrained'), (timm.models._hub, 'download_from_hf')):
+_WRAPPED = ((_builder, 'load_pretrained'), (_hub, 'download_from_hf'), (_hub, '_parse_model_cfg'))
+
+
+def _timm_before_install(monkeypatch):
+    """timm's functions as they are before the rules are attached."""
+    for module, name in _WRAPPED:
         monkeypatch.setattr(module, name, getattr(module, name).__wrapped__)
-    monkeypatch.delattr(timm.models._hub, '_parse_model_cfg')
-    with pytest.warns(RuntimeWarning, match=r'has no timm\.models\._hub\._parse_model_cfg; pretrained=True on EPSANet'):
+
+
+def _load_pretrained_without_filter_fn(model, pretrained_cfg=None, num_classes=1000, in_chans=3, strict=True):
+    raise AssertionError('not called in these tests')
+
+
+def _download_from_hf_by_repo(filename, repo_id, cache_dir=None):
+    raise AssertionError('not called in these tests')
+
+
+@pytest.mark.parametrize('change, left_out, message', [
+    (lambda m: m.delattr(_hub, '_parse_model_cfg'), ['_parse_model_cfg'], r'timm\.models\._hub\._parse_model_cfg is gone'),
+    (lambda m: m.delattr(_builder, '_resolve_pretrained_source'), ['load_pretrained'],
+     r'timm\.models\._builder has no _resolve_pretrained_source'),
+    (lambda m: m.setattr(_builder, 'load_pretrained', _load_pretrained_without_filter_fn), ['load_pretrained'],
+     r'load_pretrained takes \(model, pretrained_cfg, num_classes, in_chans, strict\) where the rule needs '
+     r'\(model, pretrained_cfg, \.\.\.\) with num_classes, filter_fn'),
+    (lambda m: m.setattr(_hub, 'download_from_hf', _download_from_hf_by_repo), ['download_from_hf'],
+     r'download_from_hf takes \(filename, repo_id, cache_dir\) where the rule needs \(model_id, \.\.\.\)'),
+    (lambda m: m.setattr(_hub, '_parse_model_cfg', 42), ['_parse_model_cfg'], r'_parse_model_cfg has no readable signature'),
+    (lambda m: (m.setattr(_builder, 'load_pretrained', _load_pretrained_without_filter_fn),
+                m.setattr(_hub, 'download_from_hf', _download_from_hf_by_repo)),
+     ['load_pretrained', 'download_from_hf'], r'load_pretrained takes .*; timm\.models\._hub\.download_from_hf takes'),
+
+], ids=['gone', 'what-it-calls-gone', 'parameter-gone', 'first-parameter-renamed', 'no-signature', 'two-changed'])
+def test_a_timm_function_of_another_shape_is_left_as_timm_has_it_with_one_warning(monkeypatch, change, left_out, message):
+    """The rules wrap private timm functions: a timm release that changes one costs that rule, with one
+    warning, never `import timm` (install runs inside it) nor a wrapper calling timm the old way."""
+    _timm_before_install(monkeypatch)
+    change(monkeypatch)
+    before = {name: getattr(module, name, None) for module, name in _WRAPPED}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         timm_epsa.hub.install()
-    # the others are attached all the same
-    assert timm.models._builder.load_pretrained._timm_epsa_rules
-    assert timm.models._hub.download_from_hf._timm_epsa_rules
+    shown = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(shown) == 1 and re.search(message, shown[0]), shown
+    for module, name in _WRAPPED:
+        now = getattr(module, name, None)
+        if name in left_out:
+            assert now is before[name]  # as timm has it
+        else:
+            assert now._timm_epsa_rules  # the others are attached all the same

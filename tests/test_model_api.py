@@ -1,10 +1,12 @@
 """The timm model API on EPSANet. Wiring tests use one block per stage at 64 px."""
+import re
 import warnings
 
 import pytest
 import timm
 import torch
 from timm.models import create_feature_extractor
+from torch import nn
 
 import timm_epsa  # noqa: F401  registers the models
 
@@ -224,10 +226,22 @@ def test_a_training_step_on_an_empty_batch_gives_zero_gradients(memory_format):
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(block='NoSuchBlock'), "epsanet50 arguments: block='NoSuchBlock' is not a block class"),
-    (dict(act_layer='nosuchact'), "epsanet50 arguments: act_layer='nosuchact' is not an activation timm knows"),
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(block='NoSuchBlock'), ValueError, "epsanet50 arguments: block='NoSuchBlock' is not a block class"),
+    (dict(act_layer='nosuchact'), ValueError,
+     "epsanet50 arguments: act_layer='nosuchact' is not an activation timm knows"),
+    # each used to fail deep in ResNet, or to build another network than asked without a word
+    (dict(act_layer=nn.GELU), TypeError, "act_layer=<class 'torch.nn.modules.activation.GELU'> does not build an "
+                                         "activation module as ResNet builds it, act_layer(inplace=True)"),
+    (dict(num_classes=-1), ValueError,
+     'epsanet50 arguments: num_classes=-1 is out of range; pass an int of at least 0'),
+    (dict(num_classes=2.5), TypeError, 'num_classes=2.5 is not a whole number'),
+    (dict(in_chans=0), ValueError, 'in_chans=0 is out of range; pass an int of at least 1'),
+    (dict(layers=(1, 1, 1)), ValueError, 'layers=(1, 1, 1) must give the blocks of each of the 4 stages'),
+    (dict(layers=(1, 1, 1, 1, 1)), ValueError, 'layers=(1, 1, 1, 1, 1) must give the blocks of each of the 4 stages'),
+    (dict(layers=(0, 1, 1, 1)), ValueError, 'layers=(0, 1, 1, 1) is out of range; pass ints of at least 1'),
+    (dict(output_stride=7), ValueError, 'output_stride=7 is not one of 8, 16, 32'),
 ])
-def test_arguments_epsanet_cannot_be_built_with_are_refused_naming_them(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**kwargs)
+def test_arguments_epsanet_cannot_be_built_with_are_refused_naming_them(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        timm.create_model('epsanet50', **{'layers': (1, 1, 1, 1), 'device': 'meta', **kwargs})

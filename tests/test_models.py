@@ -1,5 +1,6 @@
 """The four registered variants: sizes against the figures in the docs, init, official checkpoints."""
 import math
+import re
 
 import pytest
 import safetensors.torch
@@ -118,7 +119,7 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path, resnet50_state
     path = tmp_path / 'resnet.pth'
     torch.save({'state_dict': resnet50_state_dict}, path)
     with pytest.raises(CheckpointMismatchError, match=(
-            r'the checkpoint does not fit epsanet50: .*missing: layer1\.0\.conv2\.conv_1\.weight .*'
+            rf'{re.escape(str(path))} does not fit epsanet50: .*missing: layer1\.0\.conv2\.conv_1\.weight .*'
             r'unexpected: layer1\.0\.conv2\.weight \(64, 64, 3, 3\)')):
         timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 
@@ -139,14 +140,24 @@ def test_a_classifier_of_another_size_is_named_with_the_fix(tuned):
     model, path = tuned
     with pytest.raises(CheckpointMismatchError, match=(
             r'their classifier fc\.weight \(10, 2048\) is for 10 classes, the model has \(1000, 2048\): to keep it, '
-            r'pass num_classes=10 and num_classes=10 in pretrained_cfg_overlay')):
+            r'pass num_classes=10; for a new classifier of another size, pass num_classes=<that size>')):
         timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    kept = timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, num_classes=10,
-                             pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
-    assert torch.equal(kept.fc.weight, model.fc.weight)
     new = timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, num_classes=5,
                             pretrained_cfg_overlay=dict(file=str(path)))
     assert new.fc.weight.shape == (5, 2048) and torch.equal(new.conv1.weight, model.conv1.weight)
+
+
+@pytest.mark.parametrize('overlay', [{}, dict(num_classes=10)], ids=['cfg-says-1000', 'cfg-says-10'])
+def test_a_classifier_of_the_requested_size_is_kept(tuned, overlay):
+    """num_classes=10 with a 10-class file: its classifier is the one asked for, kept also where the
+    cfg says 1000 classes (timm's rule would drop it for a random one without a word)."""
+    model, path = tuned
+    kept = timm.create_model('epsanet50', layers=(1, 1, 1, 1), pretrained=True, num_classes=10,
+                             pretrained_cfg_overlay=dict(file=str(path), **overlay)).eval()
+    assert torch.equal(kept.fc.weight, model.fc.weight) and torch.equal(kept.fc.bias, model.fc.bias)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x), rtol=0, atol=0)
 
 
 def test_backbone_weights_of_a_model_with_other_classes_load_for_features(tuned):

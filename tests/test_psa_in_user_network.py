@@ -52,6 +52,14 @@ def test_no_activation_is_none():
 @pytest.mark.parametrize('act_layer, error, message', [
     ('gleu', ValueError, r"act_layer='gleu' is not an activation timm knows; pass a name timm\.layers\.get_act_layer"),
     (nn.GELU(), TypeError, r'act_layer=GELU\(.*\) is a module instance; pass its class or name'),
+    # callables that make no activation module: used to fail inside timm's create_act_layer
+    (nn.Linear, TypeError, r"act_layer=<class 'torch\.nn\.modules\.linear\.Linear'> does not build an activation "
+                           r"module when called without arguments \((Linear\.)?__init__\(\) missing 2 required"),
+    (torch.relu, TypeError, r'act_layer=<built-in method relu .*> does not build an activation module .*; pass '
+                            r"a name timm knows \(e\.g\. 'relu', 'silu', 'gelu'\) or an nn\.Module class such as "
+                            r'nn\.ReLU'),
+    (lambda: F.relu, TypeError, r'act_layer=<function .*> does not build an activation module when called without '
+                                r'arguments, it returns function'),
 ])
 def test_unusable_activation_is_refused_in_one_line(act_layer, error, message):
     with pytest.raises(error, match=message):

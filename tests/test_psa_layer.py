@@ -1,6 +1,7 @@
 """The PSA layer against the naive reference written from the definition."""
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -93,19 +94,59 @@ def test_official_parameter_names_and_shapes():
     }
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(in_chs=64, out_chs=66), 'out_chs=66 is not divisible by the 4 branches'),
-    (dict(in_chs=64, out_chs=64, groups=(1, 4, 8, 32)), 'groups=32 (kernel 9) must divide'),
-    (dict(in_chs=60, out_chs=64, groups=(1, 4, 8, 16)), 'in_chs=60'),
-    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7)), 'must be non-empty and of the same length'),
-    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7, 8)), 'kernel size 8'),
-    (dict(in_chs=64, out_chs=64, stride=0), 'stride=0'),
-    (dict(in_chs=64, out_chs=64, reduction=32), 'leaves no hidden channel; use a reduction from 1 to 16'),
-    (dict(in_chs=64, out_chs=64, reduction=0), 'reduction=0 leaves no hidden channel; use a reduction from 1'),
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(in_chs=64, out_chs=66), ValueError, 'out_chs=66 is not divisible by the 4 branches'),
+    (dict(in_chs=64, out_chs=64, groups=(1, 4, 8, 32)), ValueError, 'groups=32 (kernel 9) must divide'),
+    (dict(in_chs=60, out_chs=64, groups=(1, 4, 8, 16)), ValueError, 'in_chs=60'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7)), ValueError, 'must be of the same length'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(3, 5, 7, 8)), ValueError, 'kernel size 8'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(), groups=()), ValueError,
+     'kernel_sizes=() is empty; pass ints of at least 1, one odd kernel size per branch'),
+    (dict(in_chs=64, out_chs=64, stride=0), ValueError, 'stride=0 is out of range; pass an int of at least 1'),
+    (dict(in_chs=64, out_chs=64, reduction=32), ValueError, 'leaves no hidden channel; use a reduction from 1 to 16'),
+    (dict(in_chs=64, out_chs=64, reduction=0), ValueError,
+     'SEWeight: reduction=0 is out of range; pass an int of at least 1'),
+    # sizes of zero or less: PSA(0, 64) used to build a layer that outputs zeros
+    (dict(in_chs=0, out_chs=64), ValueError,
+     'PyramidSqueezeAttention: in_chs=0 is out of range; pass an int of at least 1'),
+    (dict(in_chs=64, out_chs=-64), ValueError, 'out_chs=-64 is out of range; pass an int of at least 1'),
+    # values of the wrong kind: each used to fail inside torch, or (True) to be taken as 1
+    (dict(in_chs=64, out_chs=64, stride=(2, 2)), TypeError,
+     'PyramidSqueezeAttention: stride=(2, 2) is not a whole number; pass an int of at least 1'),
+    (dict(in_chs=64, out_chs=64, stride=True), TypeError, 'stride=True is not a whole number'),
+    (dict(in_chs=64.0, out_chs=64), TypeError, 'in_chs=64.0 is not a whole number'),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=3), TypeError,
+     'kernel_sizes=3 is not a list or tuple of whole numbers; pass ints of at least 1, one odd kernel size per branch'),
+    (dict(in_chs=64, out_chs=64, groups='1248'), TypeError, "groups='1248' is not a list or tuple of whole numbers"),
+    (dict(in_chs=64, out_chs=64, kernel_sizes=(3., 5, 7, 9)), TypeError,
+     'kernel_sizes=(3.0, 5, 7, 9) holds 3.0, which is not a whole number'),
+    (dict(in_chs=64, out_chs=64, reduction=None), TypeError, 'SEWeight: reduction=None is not a whole number'),
 ])
-def test_bad_arguments_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_bad_arguments_fail_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         PyramidSqueezeAttention(**kwargs)
+
+
+def test_integers_of_other_types_are_taken_as_ints():
+    """numpy's integers (a config read with numpy, a shape) are whole numbers as Python indexes them."""
+    psa = PyramidSqueezeAttention(np.int64(32), np.int64(32), stride=np.int64(2), kernel_sizes=[3, np.int64(5)],
+                                  groups=(1, 2), reduction=np.int64(4))
+    assert type(psa.conv_2.stride[0]) is int and psa.conv_2.kernel_size == (5, 5) and psa.se.fc1.out_channels == 4
+    assert psa(torch.randn(1, 32, 8, 8)).shape == (1, 32, 4, 4)
+
+
+@pytest.mark.parametrize('shape, message', [
+    ((16, 8, 8), 'the input of shape [16, 8, 8] has no batch dimension; pass (batch, 16, height, width), '
+                 'e.g. x.unsqueeze(0) for a single image'),
+    ((1, 16, 8, 8, 1), 'the input of shape [1, 16, 8, 8, 1] is not (batch, 16, height, width)'),
+    ((2, 8, 8, 8), 'the input of shape [2, 8, 8, 8] has 8 channels, the layer was built for in_chs=16'),
+])
+def test_input_that_is_not_a_batch_of_in_chs_images_is_refused_in_one_line(shape, message):
+    """Unbatched input used to fail deep inside a group sum (`unflatten: Provided sizes ...`)."""
+    psa = PyramidSqueezeAttention(16, 32, groups=(1, 2, 4, 8), reduction=4)
+    for layer in (psa, torch.jit.script(psa), torch.fx.symbolic_trace(psa)):
+        with pytest.raises((ValueError, torch.jit.Error), match=re.escape(message)):
+            layer(torch.randn(*shape))
 
 
 def test_factory_kwargs_build_on_meta_device():

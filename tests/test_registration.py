@@ -1,4 +1,5 @@
-"""timm sees EPSANet without ``import timm_epsa``: the start-up hook and the ``timm.models`` entry point.
+"""timm sees EPSANet without ``import timm_epsa``: the start-up hook and the ``timm.models`` entry point;
+and the wheel and the sdist hold what a release needs.
 
 The package is installed twice per test module, from a copy of this checkout: as a wheel and as an
 editable install, each into a fresh virtual environment, and every check runs in a new interpreter.
@@ -7,13 +8,17 @@ site-packages folders rather than through ``--system-site-packages``: that would
 files there, among them the hook of the timm-epsa installed here, and a wheel missing its own hook
 would pass unnoticed.
 """
+import email
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 import venv
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -90,28 +95,37 @@ def _install(env: Env, *target: str) -> None:
     _pip('--python', env.python, 'install', '--no-deps', '--ignore-installed', *_build_flags(), *target)
 
 
-@pytest.fixture(scope='module')
-def source(tmp_path_factory) -> Path:
-    """This checkout as a clean clone plus uncommitted work would have it."""
+def _repository_files() -> List[str]:
+    """The files of this checkout as a clean clone plus uncommitted work would have them."""
     if shutil.which('git') is None or not (REPO / '.git').exists():
         pytest.skip('needs a git checkout to copy the sources from')
     files = subprocess.run(
         ['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
         cwd=REPO, check=True, capture_output=True, text=True).stdout.split('\0')
+    return [name for name in files if name and (REPO / name).is_file()]  # not deleted but still listed
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory) -> Path:
+    """This checkout as a clean clone plus uncommitted work would have it."""
     dest = tmp_path_factory.mktemp('source')
-    for name in filter(None, files):
-        if (REPO / name).is_file():  # skips files deleted but not yet committed
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
+    for name in _repository_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
     return dest
 
 
 @pytest.fixture(scope='module')
-def wheel_env(source, tmp_path_factory) -> Env:
+def wheel(source, tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp('dist')
     _pip('wheel', '--no-deps', *_build_flags(), '--wheel-dir', str(dist), str(source))
+    return next(dist.glob('timm_epsa-*.whl'))
+
+
+@pytest.fixture(scope='module')
+def wheel_env(wheel, tmp_path_factory) -> Env:
     env = _make_env(tmp_path_factory.mktemp('wheel-venv'), tmp_path_factory.mktemp('wheel-work'))
-    _install(env, str(next(dist.glob('timm_epsa-*.whl'))))
+    _install(env, str(wheel))
     env.package_home = Path(env.site_packages())
     return env
 
@@ -290,3 +304,60 @@ def test_ddp_gloo_two_ranks_all_reduce_gradients(wheel_env):
     assert state['block'] == 'timm_epsa.models.epsanet'
     assert state['ranks_agree'] and state['ranks_differ_locally']
     assert state['mean_error'] < 1e-5
+
+
+def test_the_wheel_and_the_sdist_hold_what_a_release_needs(source, wheel, tmp_path):
+    """The wheel: the package with py.typed and the card templates, the start-up hook and its .pth, and
+    LICENSE; the sdist: every file of the repository but the CI scripts, so that its tests run
+    unpacked (conftest.py, their helpers, hub_cards/). PyPI shows the README with absolute links."""
+    if _build_flags() == []:
+        pytest.skip('builds offline only with setuptools >= 77 installed')
+    dist = tmp_path / 'dist'
+    _run([sys.executable, '-c', 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])',
+          str(dist)], cwd=source)
+    sdist = next(dist.glob('timm_epsa-*.tar.gz'))
+    repository = set(_repository_files())
+    version = wheel.name.split('-')[1]
+    with tarfile.open(sdist) as tar:
+        packed = {member.name.split('/', 1)[1] for member in tar.getmembers() if member.isfile()}
+    generated = {'PKG-INFO', 'setup.cfg'} | {name for name in packed if name.startswith('timm_epsa.egg-info/')}
+    assert packed - generated == {name for name in repository if not name.startswith('.')}
+
+    dist_info = f'timm_epsa-{version}.dist-info'
+    with zipfile.ZipFile(wheel) as archive:
+        assert set(archive.namelist()) == {
+            *(name for name in repository if name.startswith('timm_epsa/')),
+            '_timm_epsa_autoload.py', 'timm_epsa_autoload.pth',
+            *(f'{dist_info}/{name}' for name in (
+                'METADATA', 'RECORD', 'WHEEL', 'entry_points.txt', 'top_level.txt', 'licenses/LICENSE')),
+        }
+        assert archive.read(f'{dist_info}/licenses/LICENSE') == (REPO / 'LICENSE').read_bytes()
+        metadata = email.message_from_bytes(archive.read(f'{dist_info}/METADATA'))
+    assert 'timm_epsa/py.typed' in repository and 'Apache License' in (REPO / 'LICENSE').read_text()
+    assert (metadata['License-Expression'], metadata['License-File']) == ('Apache-2.0', 'LICENSE')
+    links = re.findall(r'\]\(([^)\s]+)\)', metadata.get_payload())
+    assert 'docs/quickstart.md' in (REPO / 'README.md').read_text() and len(links) > 10
+    assert [link for link in links if not link.startswith('https://')] == []
+
+
+def test_without_site_import_timm_epsa_registers_the_models_where_the_package_is_importable(installed, source):
+    """`python -S` runs no .pth file: not the hook, and for an editable install not setuptools'
+    finder either, which is what makes its timm_epsa importable (docs/registration.md)."""
+    editable = installed.package_home == source
+    deps = [p for p in sys.path if Path(p).name in ('site-packages', 'dist-packages')]
+    site_dirs = [installed.site_packages(), *deps]
+    # timm_epsa first: where it cannot be imported, the run fails before importing torch
+    code = 'import timm_epsa, json, sys, timm; print(json.dumps([sys.flags.no_site, timm.list_models("epsanet*")]))'
+
+    def run_without_site(*path: str) -> subprocess.CompletedProcess:
+        env = {**{k: v for k, v in os.environ.items() if k != 'TIMM_EPSA_AUTOLOAD'},
+               'PYTHONPATH': os.pathsep.join(path), 'OMP_NUM_THREADS': '1'}
+        return subprocess.run([installed.python, '-S', '-c', code], cwd=installed.workdir, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    result = run_without_site(*site_dirs)
+    if editable:
+        assert result.returncode != 0 and "No module named 'timm_epsa'" in result.stderr, result.stderr
+        result = run_without_site(str(source), *site_dirs)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1, EPSANETS]

@@ -1,6 +1,7 @@
 """Outputs appear whole or not at all and nothing a user had is lost (timm_epsa/staging.py):
 in-process on small folders; tests/test_interrupts.py sends real signals to `timm-epsa` children."""
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -70,15 +71,16 @@ def test_force_replaces_the_old_folder_only_with_the_complete_new_one(tmp_path, 
 
 
 def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path, log):
-    (tmp_path / 'link').symlink_to('out')  # another spelling of the same folder
+    (tmp_path / 'here').symlink_to('.')  # another spelling of the same folder: through a linked parent
     with staged_folder(tmp_path / 'out', log=log) as staging_dir:
-        for force, out in ((False, 'out'), (True, 'link')):
+        for force, out in ((False, 'out'), (True, 'here/out')):
             busy = rf'{out} is being written by another timm-epsa \(pid {os.getpid()}\)'
             with pytest.raises(DestinationError, match=busy):
                 with staged_folder(tmp_path / out, force=force, log=log):
                     pytest.fail('two writers at once')
         write(staging_dir, a='first')
     assert contents(tmp_path / 'out') == {'a': 'first'}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['here', 'out']
     with staged_folder(tmp_path / 'out', force=True, log=log) as staging_dir:  # the lock went with its run
         write(staging_dir, a='second')
     assert contents(tmp_path / 'out') == {'a': 'second'}
@@ -124,13 +126,54 @@ def test_a_link_planted_where_the_lock_goes_is_not_written_through(tmp_path, log
     assert victim.read_text() == 'precious' and not (tmp_path / 'out').exists()
 
 
-def test_a_symlinked_folder_is_replaced_where_it_points(tmp_path, log, swap):
-    real = write(tmp_path / 'real', old='old')
-    (tmp_path / 'link').symlink_to(real)
-    with staged_folder(tmp_path / 'link', force=True, log=log) as staging_dir:
-        write(staging_dir, a='new')
-    assert (tmp_path / 'link').is_symlink() and contents(real) == {'a': 'new'}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['link', 'real'] and log == []
+@pytest.mark.parametrize('staged', [staged_folder, staged_file])
+@pytest.mark.parametrize('force', [False, True])
+def test_a_link_at_the_destination_is_refused_and_what_it_points_to_kept(tmp_path, log, staged, force):
+    """Neither written through (the checkpoint a link points to became an ONNX file) nor replaced;
+    a dangling link is not followed either (folders were created where it pointed)."""
+    mine = write(tmp_path / 'mine', notes='mine') if staged is staged_folder else tmp_path / 'model.pth'
+    if staged is staged_file:
+        mine.write_text('my checkpoint')
+    (tmp_path / 'link').symlink_to(mine.name)
+    (tmp_path / 'dangling').symlink_to('nowhere/deep/x')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, target in (('link', f'{mine}'), ('dangling', f"{tmp_path / 'nowhere/deep/x'}, which does not exist")):
+        with pytest.raises(DestinationError, match=re.escape(
+                f'{tmp_path / out} is a symbolic link to {target}: timm-epsa neither writes through a link nor '
+                f'replaces one, --force or not; give ')):
+            with staged(tmp_path / out, force=force, log=log):
+                pytest.fail('a link must be refused before any work')
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and log == []
+    assert (contents(mine) == {'notes': 'mine'}) if mine.is_dir() else (mine.read_text() == 'my checkpoint')
+
+
+def test_no_folder_is_made_where_a_dangling_link_on_the_way_points(tmp_path, log):
+    (tmp_path / 'runs').symlink_to('nowhere/deep')
+    with pytest.raises(DestinationError, match=re.escape(
+            f"{tmp_path / 'runs/out'}: the folder {tmp_path / 'runs'} on the way to it is a symbolic link to "
+            f"{tmp_path / 'nowhere/deep'}, which does not exist; timm-epsa creates no folder where a link points")):
+        with staged_folder(tmp_path / 'runs' / 'out', log=log):
+            pytest.fail('refused before any work')
+    assert [p.name for p in tmp_path.iterdir()] == ['runs']
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027], ids=['umask-022', 'umask-027'])
+def test_what_a_run_writes_follows_the_umask(tmp_path, log, umask):
+    """safetensors writes its files 0600: weights in a shared folder that nobody else could read."""
+    previous = os.umask(umask)
+    try:
+        with staged_folder(tmp_path / 'out', log=log) as staging_dir:
+            write(staging_dir / 'sub', a='a').chmod(0o700)
+            (staging_dir / 'weights').write_bytes(b'w')
+            (staging_dir / 'weights').chmod(0o600)
+        with staged_file(tmp_path / 'model.onnx', log=log) as path:
+            path.write_bytes(b'onnx')
+            path.chmod(0o600)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob('*')}
+    files, folders = 0o666 & ~umask, 0o777 & ~umask
+    assert modes == {'out': folders, 'out/sub': folders, 'out/sub/a': files, 'out/weights': files, 'model.onnx': files}
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ transformers rebuilds the network from ``config.json`` (``architecture`` + ``mod
 timm_epsa for it but the start-up hook (the subprocess test shows it).
 """
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +22,9 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from naive_epsanet import randomize_batchnorm_
+from timm_epsa.hub.checkpoint import CheckpointError
 from timm_epsa.hub.folder import write_hub_folder
+from timm_epsa.hub.publish import push_folder
 from timm_epsa.quickstart import LABELS, Recipe, create_digits_model
 
 transformers = pytest.importorskip('transformers', minversion='5')
@@ -111,6 +115,36 @@ def test_classes_channels_and_pooling_survive_both_libraries(tmp_path):
         assert torch.equal(timm.create_model(f'local-dir:{folder}', pretrained=True).eval()(x), expected)
         torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(folder).eval()(x).logits,
                                    expected, **TOL)
+
+
+@pytest.fixture(scope='module')
+def two_block_folder(tmp_path_factory):
+    """A folder written for epsanet50 with two blocks in stage 1, one in each other stage."""
+    torch.manual_seed(0)
+    return _tiny_folder(tmp_path_factory.mktemp('two-blocks'), 'two-blocks',
+                        timm.create_model('epsanet50', layers=(2, 1, 1, 1), num_classes=10))
+
+
+@pytest.mark.parametrize('layers, report, count', [([1, 1, 1, 1], 'unexpected_keys', 25),
+                                                   ([2, 2, 1, 1], 'missing_keys', 25)], ids=['fewer', 'more'])
+def test_a_config_edited_away_from_its_weights_is_refused_before_it_is_published(
+        two_block_folder, tmp_path, layers, report, count):
+    """transformers loads such a folder, dropping weights or initialising layers at random, with a
+    load report only (no plugin can make it strict): docs/clients.md says what to check
+    (output_loading_info), and `push` refuses the folder before it reaches anyone."""
+    folder = tmp_path / 'edited'
+    shutil.copytree(two_block_folder, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    model_args = {**config['model_args'], 'layers': layers}
+    (folder / 'config.json').write_text(json.dumps({**config, 'model_args': model_args}))
+
+    _, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
+    assert len(info[report]) == count and not any(info[k] for k in info if k != report)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{folder}/model.safetensors does not fit the epsanet50 that {folder}/config.json describes: {count} "
+            f"{report.split('_')[0]}: ")) as error:
+        push_folder(folder, 'org/two-blocks')
+    assert error.match('make config.json describe the network the weights are for')
 
 
 HUB_CLIENTS = textwrap.dedent("""

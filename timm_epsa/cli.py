@@ -4,11 +4,15 @@ on the Hub, describe the variants, and the quickstart that trains one.
 Each subcommand is an ``_add_<name>`` function that declares its arguments and the function that
 runs it; listing one in ``COMMANDS`` adds it to the command. This module only parses arguments and
 prints: the work is done in :mod:`timm_epsa.hub` (convert, push, info, card), :mod:`timm_epsa.deploy`
-(export), :mod:`timm_epsa.models.measure` and :mod:`timm_epsa.quickstart`. Errors a user can
-act on print as one line (whatever a checkpoint or a path put in them) and exit with status 1;
-Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
+(export), :mod:`timm_epsa.models.measure` and :mod:`timm_epsa.quickstart`. Every line it prints
+but a model card goes through :func:`~timm_epsa.escaping.one_line`, so that no path, checkpoint or
+Hub answer in it can add a line or drive the terminal. Errors a user can act on print as one line
+and exit with status 1; Ctrl-C and SIGTERM stop a command alike, with one line and status 130 or 143.
+Output read by a reader that stops early (``timm-epsa info | head -1``) ends the command quietly with
+status 141, as SIGPIPE ends a Unix tool.
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -18,15 +22,17 @@ from typing import Callable, Iterator, List, Optional, Sequence
 from huggingface_hub.errors import HfHubHTTPError
 from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 
+from . import __version__
 from .deploy import RUNTIMES, ExportError
 from .deploy.export import OPENVINO_FILES, export
+from .deploy.graph_export import ExportReport
 from .deploy.forms import OPENVINO
 from .deploy.precision import BF16, FP32, INT8, PRECISIONS
 from .deploy.runtimes import default_precision
 from .escaping import one_line
 from .hub import PretrainedWeightsError, cached_weights
 from .hub.cards import render_model_card
-from .hub.checkpoint import CheckpointError
+from .hub.checkpoint import CheckpointError, NonFiniteWeightsError
 from .hub.convert import convert_checkpoint
 from .hub.folder import HubFolderError
 from .hub.publish import push_folder
@@ -50,6 +56,13 @@ def _model_name(value: str) -> str:
         return check_model_name(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _path(value: str) -> str:
+    """A path given on the command line: an empty one (an unset shell variable) would name the current folder."""
+    if not value:
+        raise argparse.ArgumentTypeError('an empty path; give the name of a file or folder')
+    return value
 
 
 def _percent(value: str) -> float:
@@ -77,7 +90,13 @@ def _at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str], in
     return whole_number
 
 
+def _say(message: str) -> None:
+    """One line of a command's result, on stdout."""
+    print(one_line(message))
+
+
 def _log(message: str) -> None:
+    """One line of progress, on stderr."""
     print(one_line(message), file=sys.stderr, flush=True)
 
 
@@ -99,8 +118,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
                     'file. Pickles are read with torch.load(weights_only=True): one that would run code is '
                     'refused. The result is loaded back and compared with the source before it replaces OUT_DIR.',
     )
-    parser.add_argument('src', metavar='SRC', help='checkpoint file (.pth, .pth.tar, .bin or .safetensors)')
-    parser.add_argument('out_dir', metavar='OUT_DIR', help='folder to write; must be empty or absent unless --force')
+    parser.add_argument('src', type=_path, metavar='SRC', help='checkpoint file (.pth, .pth.tar, .bin or .safetensors)')
+    parser.add_argument('out_dir', type=_path, metavar='OUT_DIR',
+                        help='folder to write; must be empty or absent unless --force')
     parser.add_argument('--model', required=True, type=_model_name, metavar='NAME',
                         help=f"the architecture the weights are for: {', '.join(MODEL_NAMES)}")
     parser.add_argument('--ema', action='store_true', help="convert the EMA weights (train.py's state_dict_ema)")
@@ -116,14 +136,17 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    result = convert_checkpoint(
-        args.src, args.out_dir, split_model_name_tag(args.model)[0],
-        ema=args.ema, force=args.force, top1=args.top1, top5=args.top5, repo_id=args.repo_id,
-        allow_nonfinite=args.allow_nonfinite, ignore_train_args=args.ignore_train_args, log=_log,
-    )
-    print(f'wrote {one_line(str(result.path))}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
-          f'{len(result.checkpoint.state_dict)} tensors, verified')
-    print(f'publish it with: timm-epsa push {one_line(str(result.path))} {result.repo_id}')
+    try:
+        result = convert_checkpoint(
+            args.src, args.out_dir, split_model_name_tag(args.model)[0],
+            ema=args.ema, force=args.force, top1=args.top1, top5=args.top5, repo_id=args.repo_id,
+            allow_nonfinite=args.allow_nonfinite, ignore_train_args=args.ignore_train_args, log=_log,
+        )
+    except NonFiniteWeightsError as e:  # the one command that can keep them
+        raise NonFiniteWeightsError(f'{e}, or pass --allow-nonfinite to convert it as it is') from None
+    _say(f'wrote {result.path}: {result.model_name}, {result.facts.params / 1e6:.2f}M params, '
+         f'{len(result.checkpoint.state_dict)} tensors, verified')
+    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
 
 
 def _add_push(subparsers: argparse._SubParsersAction) -> None:
@@ -133,7 +156,7 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
         description='Upload a folder written by `timm-epsa convert` to REPO_ID, creating the repo if needed. '
                     'The token comes from `hf auth login` or HF_TOKEN. Prints the commit to pin.',
     )
-    parser.add_argument('out_dir', metavar='OUT_DIR', help='folder written by timm-epsa convert')
+    parser.add_argument('out_dir', type=_path, metavar='OUT_DIR', help='folder written by timm-epsa convert')
     parser.add_argument('repo_id', metavar='REPO_ID', help='<user or organisation>/<name>, e.g. me/epsanet50.in1k')
     parser.add_argument('--private', action='store_true',
                         help='create the repo private (an existing repo keeps its visibility)')
@@ -143,8 +166,8 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
 
 def _push(args: argparse.Namespace) -> None:
     commit = push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision)
-    print(f'pushed {commit.commit_url}')
-    print(f"pin this commit: timm.create_model('hf-hub:{args.repo_id}@{commit.oid}', pretrained=True)")
+    _say(f'pushed {commit.commit_url}')
+    _say(f"pin this commit: timm.create_model('hf-hub:{args.repo_id}@{commit.oid}', pretrained=True)")
 
 
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
@@ -168,16 +191,17 @@ def _info(args: argparse.Namespace) -> None:
             if args.name not in (None, name, tagged):
                 continue
             repo_id = get_pretrained_cfg(tagged).hf_hub_id
-            rows.append((
+            rows.append(tuple(map(one_line, (
                 name, f'{facts.params / 1e6:.2f}', f'{facts.macs / 1e9:.2f}', 'x'.join(map(str, facts.input_size[1:])),
                 tagged, repo_id or 'none published', (cached_weights(repo_id) or 'not cached') if repo_id else '-',
-            ))
+            ))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"\nHub namespace: {namespace} (set {NAMESPACE_ENV} to load your own published weights). "
-          f"timm.create_model('<model>', pretrained=True) downloads the repo's model.safetensors; where none "
-          f"is published it fails and says how to publish your own (timm-epsa convert, timm-epsa push).")
+        _say('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
+    _say('')
+    _say(f"Hub namespace: {namespace} (set {NAMESPACE_ENV} to load your own published weights). "
+         f"timm.create_model('<model>', pretrained=True) downloads the repo's model.safetensors; where none "
+         f"is published it fails and says how to publish your own (timm-epsa convert, timm-epsa push).")
 
 
 def _add_card(subparsers: argparse._SubParsersAction) -> None:
@@ -216,7 +240,7 @@ def _add_quickstart(subparsers: argparse._SubParsersAction) -> None:
                     'Deterministic for a given seed and number of threads.',
     )
     recipe = Recipe()
-    parser.add_argument('--output', default=DEFAULT_OUTPUT, metavar='DIR',
+    parser.add_argument('--output', type=_path, default=DEFAULT_OUTPUT, metavar='DIR',
                         help=f'folder to write; must be empty or absent unless --force (default: ./{DEFAULT_OUTPUT})')
     parser.add_argument('--epochs', type=_at_least(1), default=recipe.epochs, metavar='N',
                         help=f'training epochs (default: {recipe.epochs})')
@@ -227,7 +251,7 @@ def _add_quickstart(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--train-images', type=_at_least(1), metavar='N',
                         help='train on the first N training images only, for a smoke test (default: all 1,437); '
                              'accuracy is still measured on all 360 held-out images')
-    parser.add_argument('--imagefolder', metavar='DIR',
+    parser.add_argument('--imagefolder', type=_path, metavar='DIR',
                         help='also write the digits as an ImageFolder tree, DIR/train/<class>/*.png and '
                              'DIR/validation/<class>/*.png, for timm\'s train.py')
     parser.add_argument('--force', action='store_true',
@@ -238,9 +262,9 @@ def _add_quickstart(subparsers: argparse._SubParsersAction) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     recipe = Recipe(epochs=args.epochs, img_size=args.img_size, seed=args.seed, train_images=args.train_images)
     result = run_quickstart(args.output, recipe, imagefolder=args.imagefolder, force=args.force, log=_log)
-    print(f'wrote {one_line(str(result.path))}: loads back with identical held-out logits')
-    print(f'publish it with: timm-epsa push {one_line(str(result.path))} {result.repo_id}')
-    print(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
+    _say(f'wrote {result.path}: loads back with identical held-out logits')
+    _say(f'publish it with: timm-epsa push {result.path} {result.repo_id}')
+    _say(f'held-out accuracy: {result.reloaded_accuracy:.4f}')
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
@@ -250,13 +274,15 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         description='Write SOURCE for a CPU inference runtime, in the graph form measured fastest there (the same '
                     'function: PSA\'s branches regrouped, BatchNorm folded; see docs/deploy.md): an ONNX file at OUT '
                     'for onnxruntime, a folder OUT holding model.xml and model.bin (OpenVINO IR, fp32) for openvino. '
-                    'The runtime runs the result on a real-sized input and must match eager PyTorch within 1e-4 '
-                    '(relative) before OUT appears. Needs the deploy extra: pip install "timm-epsa[deploy]".',
+                    'The runtime runs the result on a real-sized input and must match eager PyTorch within 1e-4 of '
+                    'each image\'s spread of outputs before OUT appears. Needs the deploy extra: pip install '
+                    '"timm-epsa[deploy]".',
     )
-    parser.add_argument('source', metavar='SOURCE',
+    parser.add_argument('source', type=_path, metavar='SOURCE',
                         help='a model name (random weights, e.g. epsanet50), a folder written by convert or quickstart, '
                              'or a checkpoint file')
-    parser.add_argument('out', metavar='OUT', help='the .onnx file (onnxruntime) or the IR folder (openvino) to write')
+    parser.add_argument('out', type=_path, metavar='OUT',
+                        help='the .onnx file (onnxruntime) or the IR folder (openvino) to write')
     parser.add_argument('--runtime', required=True, choices=RUNTIMES, help='the runtime to export for')
     parser.add_argument('--batch-size', type=_at_least(1, 4096), metavar='N',
                         help='fix the batch size (default: dynamic, any batch size)')
@@ -266,10 +292,13 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
                         help='for a checkpoint SOURCE: the architecture (default: the one a timm train.py checkpoint '
                              'records)')
     parser.add_argument('--ema', action='store_true', help="for a checkpoint SOURCE: its EMA weights")
+    parser.add_argument('--ignore-train-args', action='store_true',
+                        help="for a checkpoint SOURCE: leave out the training arguments a timm train.py checkpoint "
+                             "records (the input size then is the model's default)")
     parser.add_argument('--precision', choices=PRECISIONS, default=FP32,
                         help='what the file is tuned and checked for (default: fp32): bf16 for openvino (compile it '
                              'with INFERENCE_PRECISION_HINT bf16), int8 for both (needs --calibration)')
-    parser.add_argument('--calibration', metavar='DIR',
+    parser.add_argument('--calibration', type=_path, metavar='DIR',
                         help='for int8: images like those the model will see (an ImageFolder tree or a flat folder, '
                              'at least 150), preprocessed as the model\'s eval transform; some are held out to check '
                              'the int8 model\'s predictions against fp32')
@@ -283,21 +312,22 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> None:
     result = export(
         args.source, args.out, args.runtime,
-        batch_size=args.batch_size, img_size=args.img_size, model_name=args.model, ema=args.ema, force=args.force,
-        log=_log, precision=args.precision, calibration=args.calibration, tune=args.tune,
+        batch_size=args.batch_size, img_size=args.img_size, model_name=args.model, ema=args.ema,
+        ignore_train_args=args.ignore_train_args, force=args.force, log=_log, precision=args.precision,
+        calibration=args.calibration, tune=args.tune,
     )
     report = result.report
     files = ' and '.join(f'{result.path}/{name}' for name in OPENVINO_FILES) if report.runtime == OPENVINO \
         else str(result.path)
     batch = f'batch {report.batch_size}' if report.batch_size else 'dynamic batch'
     checked = ' and '.join(map(str, report.checked_batch_sizes))
-    print(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
-          f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
-          f"eager PyTorch {report.max_error:.1e} (relative)")
-    print(_runs_as(report))
+    _say(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
+         f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
+         f"eager PyTorch {report.max_error:.1e} of the outputs' spread")
+    _say(_runs_as(report))
 
 
-def _runs_as(report) -> str:
+def _runs_as(report: ExportReport) -> str:
     """The precision the runtime will run the file in, and what to pass for it."""
     forms = 'PSA branch forms ' + ('timed on this CPU' if report.tuned else 'from the fixed rules')
     if report.precision == INT8:
@@ -305,14 +335,14 @@ def _runs_as(report) -> str:
                 f'held-out images; {forms}')
     if report.precision == BF16:
         return (f"bf16: compile it with {{'INFERENCE_PRECISION_HINT': 'bf16'}} (OpenVINO ran it in {report.runs_in} "
-                f"here, largest difference from eager fp32 {report.precision_error:.1e}); {forms}")
+                f"here, largest difference from eager fp32 {report.precision_error:.1e} of the outputs' spread); "
+                f"{forms}")
     if report.runtime == OPENVINO:
         default = default_precision(OPENVINO)
-        return (f"fp32: compile it with {{'INFERENCE_PRECISION_HINT': 'f32'}}" + (
+        return ("fp32: compile it with {'INFERENCE_PRECISION_HINT': 'f32'}" + (
             f"; OpenVINO's default on this CPU is {default} (export --precision bf16 for that)" if default != 'f32'
             else '') + f'; {forms}')
     return f'fp32; {forms}'
-
 
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
@@ -327,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'checkpoints to Hub-ready safetensors folders, publish them on the Hugging Face Hub, and '
                     'describe the variants.',
     )
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for add_command in COMMANDS:
         add_command(subparsers)
@@ -338,6 +369,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with _sigterm_as_interrupt():
             args.run(args)
+            sys.stdout.flush()  # here, where a reader that has gone can still be told from an error
+    except BrokenPipeError:  # whoever read the output stopped (`| head`): nothing to say, as a Unix tool
+        _discard_output()
+        return 128 + signal.SIGPIPE  # the shell's status for a tool SIGPIPE ends
     except USER_ERRORS as e:
         print(f'timm-epsa {args.command}: error: {one_line(str(e))}', file=sys.stderr)
         return 1
@@ -346,6 +381,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"timm-epsa {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's status for the signal
     return 0
+
+
+def _discard_output() -> None:
+    """Point stdout and stderr at the null device, so that what Python still flushes at exit into the
+    closed pipe raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):  # a stream replaced by one without a file descriptor
+            pass
+    os.close(devnull)
 
 
 class _Terminated(KeyboardInterrupt):

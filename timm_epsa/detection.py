@@ -15,9 +15,12 @@ weights are published) and any timm keyword argument reaches the network. As in 
 affine parameters become constants) when the backbone is pretrained, the way detectors fine-tune at
 small per-GPU batches; the defaults follow whether it is: 3 trainable layers and frozen BatchNorm
 for a pretrained backbone (mmdetection's ``frozen_stages=1``), everything trainable otherwise.
+
+Every argument is checked before anything is built (:mod:`timm_epsa.arguments`), and refused in one
+line naming it as the builder the user called names it.
 """
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Type
 
 import timm
 from timm.layers import freeze_batch_norm_2d
@@ -26,6 +29,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
 
+from .arguments import flag, whole_number, whole_numbers
 from .models.epsanet import check_model_name
 
 __all__ = [
@@ -37,6 +41,23 @@ __all__ = [
 # trainable layers (5 = all, 0 = none).
 _LAYERS_FROM_LAST = ('layer4', 'layer3', 'layer2', 'layer1', 'conv1')
 FPN_CHANNELS = 256
+
+
+class _BackboneArgs(NamedTuple):
+    """The name of the function the user called and its names for the backbone's arguments, for messages."""
+    where: str
+    pretrained: str
+    trainable_layers: str
+    timm_kwargs: str
+
+
+# What the builders give timm.create_model themselves (a user's value would reach it twice), and
+# what to do instead.
+_SET_BY_BUILDER = {
+    'pretrained': 'pass {pretrained}=True instead',
+    'features_only': 'leave it out, the backbone returns features',
+    'out_indices': 'leave it out, the FPN takes stages {stages}',
+}
 
 
 class EPSANetWithFPN(nn.Module):
@@ -85,38 +106,54 @@ def epsanet_fpn_backbone(
         **kwargs: Passed to ``timm.create_model`` (``layers``, ``drop_path_rate``,
             ``pretrained_cfg_overlay``, ``output_stride``, ...).
     """
-    body = _backbone_body(model_name, pretrained, trainable_layers, returned_layers, frozen_bn, kwargs)
+    where = 'epsanet_fpn_backbone'
+    out_channels = whole_number(out_channels, 'out_channels', where)
+    body = _backbone_body(
+        _BackboneArgs(where, 'pretrained', 'trainable_layers', '**kwargs'),
+        model_name, pretrained, trainable_layers, returned_layers, frozen_bn, kwargs)
     return EPSANetWithFPN(body, out_channels, extra_blocks)
 
 
 def _backbone_body(
+        names: _BackboneArgs,
         model_name: str,
         pretrained: bool,
         trainable_layers: Optional[int],
         returned_layers: Sequence[int],
         frozen_bn: Optional[bool],
-        kwargs: Dict[str, Any],
+        timm_kwargs: Any,
 ) -> nn.Module:
-    """The timm ``features_only`` EPSANet, its BatchNorm frozen and its first layers fixed as asked."""
+    """The timm ``features_only`` EPSANet, its BatchNorm frozen and its first layers fixed as asked,
+    every argument checked first (``names`` says what the user called them)."""
+    where = names.where
     check_model_name(model_name)
+    pretrained = flag(pretrained, names.pretrained, where)
+    all_layers = len(_LAYERS_FROM_LAST)
     if trainable_layers is None:
-        trainable_layers = 3 if pretrained else len(_LAYERS_FROM_LAST)
-    if not 0 <= trainable_layers <= len(_LAYERS_FROM_LAST):
-        raise ValueError(
-            f'trainable backbone layers must be 0 (backbone frozen) to {len(_LAYERS_FROM_LAST)} (stem and all four '
-            f'stages trainable), got {trainable_layers}.')
-    stages = tuple(returned_layers)
-    if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
-        raise ValueError(f'returned_layers={stages} must name distinct stages among 1, 2, 3, 4 (strides 4 to 32).')
+        trainable_layers = 3 if pretrained else all_layers
+    trainable_layers = whole_number(trainable_layers, names.trainable_layers, where, minimum=0, maximum=all_layers)
+    stages = whole_numbers(returned_layers, 'returned_layers', where, each='distinct stages (strides 4 to 32)',
+                           maximum=4)
+    if len(set(stages)) != len(stages):
+        raise ValueError(f'{where}: returned_layers={stages} names a stage twice; pass distinct stages among 1 to 4.')
+    frozen_bn = flag(frozen_bn, 'frozen_bn', where, optional=True)
     if frozen_bn is None:
         frozen_bn = pretrained
+    if not isinstance(timm_kwargs, Mapping):
+        raise TypeError(
+            f'{where}: {names.timm_kwargs}={timm_kwargs!r} is not a dict; pass a dict of timm.create_model arguments.')
+    for key, instead in _SET_BY_BUILDER.items():
+        if key in timm_kwargs:
+            raise TypeError(
+                f'{where}: {names.timm_kwargs} sets {key}, which {where} passes to timm.create_model itself; '
+                + instead.format(pretrained=names.pretrained, stages=stages) + '.')
 
     body = timm.create_model(
-        model_name, pretrained=pretrained, features_only=True, out_indices=tuple(sorted(stages)), **kwargs)
+        model_name, pretrained=pretrained, features_only=True, out_indices=tuple(sorted(stages)), **timm_kwargs)
     if frozen_bn:
         body = freeze_batch_norm_2d(body)
     layers_to_train = _LAYERS_FROM_LAST[:trainable_layers]
-    if trainable_layers == len(_LAYERS_FROM_LAST):
+    if trainable_layers == all_layers:
         layers_to_train += ('bn1',)  # the stem's norm trains with its conv, as in torchvision
     for name, parameter in body.named_parameters():
         if not name.startswith(layers_to_train):
@@ -124,15 +161,38 @@ def _backbone_body(
     return body
 
 
-def _detector_kwargs(backbone: EPSANetWithFPN, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Normalise images with the backbone's own mean and std (ImageNet's unless its weights say otherwise)."""
-    cfg = backbone.body.pretrained_cfg
-    return {'image_mean': list(cfg['mean']), 'image_std': list(cfg['std']), **kwargs}
+def _detector(
+        detector: Type[nn.Module],
+        where: str,
+        model_name: str,
+        num_classes: Optional[int],
+        pretrained_backbone: bool,
+        trainable_backbone_layers: Optional[int],
+        frozen_bn: Optional[bool],
+        backbone_kwargs: Optional[Dict[str, Any]],
+        returned_layers: Sequence[int],
+        extra_blocks: Callable[[nn.Module], ExtraFPNBlock],
+        kwargs: Dict[str, Any],
+) -> nn.Module:
+    """``detector`` on an EPSANet-FPN backbone, normalising images with the backbone's own mean and std
+    (ImageNet's unless its weights say otherwise); ``extra_blocks`` makes the FPN's extra levels for the body."""
+    if num_classes is not None:  # None: torchvision's rule, a box_predictor of the user's own in kwargs
+        # an R-CNN counts the background as a class: one class would detect nothing
+        minimum = 1 if detector is RetinaNet else 2
+        num_classes = whole_number(num_classes, 'num_classes', where, minimum=minimum)
+    body = _backbone_body(
+        _BackboneArgs(where, 'pretrained_backbone', 'trainable_backbone_layers', 'backbone_kwargs'),
+        model_name, pretrained_backbone, trainable_backbone_layers, returned_layers, frozen_bn,
+        {} if backbone_kwargs is None else backbone_kwargs)
+    backbone = EPSANetWithFPN(body, FPN_CHANNELS, extra_blocks(body))
+    cfg = body.pretrained_cfg
+    return detector(
+        backbone, num_classes=num_classes, **{'image_mean': list(cfg['mean']), 'image_std': list(cfg['std']), **kwargs})
 
 
 def fasterrcnn_epsanet_fpn(
         model_name: str = 'epsanet50',
-        num_classes: int = 91,
+        num_classes: Optional[int] = 91,
         pretrained_backbone: bool = False,
         trainable_backbone_layers: Optional[int] = None,
         frozen_bn: Optional[bool] = None,
@@ -143,20 +203,21 @@ def fasterrcnn_epsanet_fpn(
 
     Args:
         model_name: An EPSANet variant.
-        num_classes: Classes including the background (91 for COCO's category ids, as torchvision).
+        num_classes: Classes including the background (91 for COCO's category ids, as torchvision),
+            at least 2; None with a ``box_predictor`` of your own in ``kwargs``.
         pretrained_backbone: ImageNet weights for the backbone through timm.
         trainable_backbone_layers: 0-5, see :func:`epsanet_fpn_backbone`.
         frozen_bn: Frozen BatchNorm in the backbone; default: when ``pretrained_backbone``.
         backbone_kwargs: Passed to ``timm.create_model``.
         **kwargs: Passed to torchvision's ``FasterRCNN`` (``min_size``, ``max_size``, ...).
     """
-    return _rcnn(FasterRCNN, model_name, num_classes, pretrained_backbone, trainable_backbone_layers, frozen_bn,
-                 backbone_kwargs, kwargs)
+    return _detector(FasterRCNN, 'fasterrcnn_epsanet_fpn', model_name, num_classes, pretrained_backbone,
+                     trainable_backbone_layers, frozen_bn, backbone_kwargs, (1, 2, 3, 4), _max_pool, kwargs)
 
 
 def maskrcnn_epsanet_fpn(
         model_name: str = 'epsanet50',
-        num_classes: int = 91,
+        num_classes: Optional[int] = 91,
         pretrained_backbone: bool = False,
         trainable_backbone_layers: Optional[int] = None,
         frozen_bn: Optional[bool] = None,
@@ -167,29 +228,13 @@ def maskrcnn_epsanet_fpn(
 
     Arguments as :func:`fasterrcnn_epsanet_fpn`; ``kwargs`` go to torchvision's ``MaskRCNN``.
     """
-    return _rcnn(MaskRCNN, model_name, num_classes, pretrained_backbone, trainable_backbone_layers, frozen_bn,
-                 backbone_kwargs, kwargs)
-
-
-def _rcnn(
-        detector: Type[FasterRCNN],
-        model_name: str,
-        num_classes: int,
-        pretrained_backbone: bool,
-        trainable_backbone_layers: Optional[int],
-        frozen_bn: Optional[bool],
-        backbone_kwargs: Optional[Dict[str, Any]],
-        kwargs: Dict[str, Any],
-) -> FasterRCNN:
-    """Faster R-CNN or its subclass Mask R-CNN on the same EPSANet-FPN backbone."""
-    backbone = epsanet_fpn_backbone(
-        model_name, pretrained_backbone, trainable_backbone_layers, frozen_bn=frozen_bn, **(backbone_kwargs or {}))
-    return detector(backbone, num_classes=num_classes, **_detector_kwargs(backbone, kwargs))
+    return _detector(MaskRCNN, 'maskrcnn_epsanet_fpn', model_name, num_classes, pretrained_backbone,
+                     trainable_backbone_layers, frozen_bn, backbone_kwargs, (1, 2, 3, 4), _max_pool, kwargs)
 
 
 def retinanet_epsanet_fpn(
         model_name: str = 'epsanet50',
-        num_classes: int = 91,
+        num_classes: Optional[int] = 91,
         pretrained_backbone: bool = False,
         trainable_backbone_layers: Optional[int] = None,
         frozen_bn: Optional[bool] = None,
@@ -199,9 +244,16 @@ def retinanet_epsanet_fpn(
     """RetinaNet with an EPSANet-FPN backbone: P3-P5 from stages 2-4, P6 and P7 by stride-2
     convolutions starting from C5.
 
-    Arguments as :func:`fasterrcnn_epsanet_fpn`; ``kwargs`` go to torchvision's ``RetinaNet``.
+    Arguments as :func:`fasterrcnn_epsanet_fpn` (``num_classes`` at least 1: RetinaNet has no
+    background class); ``kwargs`` go to torchvision's ``RetinaNet``.
     """
-    body = _backbone_body(
-        model_name, pretrained_backbone, trainable_backbone_layers, (2, 3, 4), frozen_bn, backbone_kwargs or {})
-    backbone = EPSANetWithFPN(body, FPN_CHANNELS, LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS))
-    return RetinaNet(backbone, num_classes=num_classes, **_detector_kwargs(backbone, kwargs))
+    return _detector(RetinaNet, 'retinanet_epsanet_fpn', model_name, num_classes, pretrained_backbone,
+                     trainable_backbone_layers, frozen_bn, backbone_kwargs, (2, 3, 4), _p6_p7, kwargs)
+
+
+def _max_pool(body: nn.Module) -> ExtraFPNBlock:
+    return LastLevelMaxPool()
+
+
+def _p6_p7(body: nn.Module) -> ExtraFPNBlock:
+    return LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS)

@@ -5,6 +5,7 @@ A checkpoint can record any string as a training argument, and a file name can h
 but ``/``: written as they are they could break a line, move a terminal's cursor, or add headings
 and raw HTML to a model card someone then publishes.
 """
+import html
 import re
 import shlex
 from typing import Optional
@@ -52,9 +53,11 @@ def code_span(text: str) -> str:
 
 
 def code_block(text: str) -> str:
-    """``text`` as a fenced Markdown code block whose fence no line of it can close."""
-    fence = '`' * max(3, _longest_backtick_run(text) + 1)
-    return f'{fence}\n{text}\n{fence}'
+    """``text`` as a preformatted block of a Markdown document, shown exactly and never markup: an HTML
+    ``<pre>`` block, which Markdown passes on as it is, with HTML's ``&``, ``<`` and ``>`` as entities,
+    so that nothing in it can end the block or be a tag (a fenced code block would show a ``<script>``
+    as text too, but keep it raw in the file for every reader that is not a Markdown renderer)."""
+    return f'<pre><code>{html.escape(text, quote=False)}</code></pre>'
 
 
 def _longest_backtick_run(text: str) -> int:

@@ -36,7 +36,7 @@ from .hub import WEIGHTS_NAME
 from .hub.cards import CardDataset
 from .hub.folder import write_hub_folder
 from .hub.repos import hub_repo_id
-from .staging import staged_folder
+from .staging import destination_path, staged_folder
 
 __all__ = [
     'DEFAULT_OUTPUT', 'MODEL_NAME', 'QuickstartError', 'QuickstartResult', 'Recipe', 'create_digits_model',
@@ -338,7 +338,7 @@ def _run(
 
 def _check_apart(out_dir: Path, imagefolder: Path) -> None:
     """Refuse to write one folder twice, or one inside the other (replacing one would replace both)."""
-    a, b = out_dir.resolve(), imagefolder.resolve()
+    a, b = destination_path(out_dir), destination_path(imagefolder)
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(
             f'the output folder {out_dir} and the ImageFolder {imagefolder} must be apart, not one inside the other')

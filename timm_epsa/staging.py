@@ -16,6 +16,14 @@ destination and moved into place once complete:
 * **Nothing replaced without force.** A destination that is not empty is refused unless ``force``,
   and one that fills up while the run works is left as it is (the check is repeated under the lock
   and the swap itself refuses to replace anything but an empty folder).
+* **Never through a link.** A symbolic link at the destination is refused, ``force`` or not, naming
+  where it points: writing there would replace what the link points to (a checkpoint, someone's
+  folder), replacing the link would surprise whoever made it, and either way the user's intent is
+  a guess. Folders on the way to the destination may be links; a dangling one is refused rather
+  than followed, so that no folder is ever created where a link points.
+* **Modes as the umask says.** What a run wrote gets the modes every other tool's new files get
+  (``0o666`` less the umask, folders ``0o777``), whatever its writer chose: safetensors writes its
+  files ``0o600``, which would leave weights in a shared folder that nobody else can read.
 * **Leftovers of killed runs** (``.<name>.<8 hex>.partial``, ``.old``) are cleaned up or put back
   by the next run writing the same destination, which says what it did.
 
@@ -46,7 +54,7 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-__all__ = ['DestinationError', 'PAUSE_ENV', 'staged_file', 'staged_folder']
+__all__ = ['DestinationError', 'PAUSE_ENV', 'destination_path', 'staged_file', 'staged_folder']
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
@@ -69,12 +77,12 @@ def staged_folder(out_dir: PathLike, force: bool = False, log: Optional[Log] = N
     """Lock ``out_dir``, and yield a new empty hidden folder beside it to write into, which replaces
     ``out_dir`` when the block completes and is deleted if it raises.
 
-    A symlinked ``out_dir`` is written where it points. ``log`` receives what the run did beyond
-    writing (a killed run's leftovers cleaned up, an old folder that could not be deleted); without
-    one these are ``RuntimeWarning``\\ s.
+    ``log`` receives what the run did beyond writing (a killed run's leftovers cleaned up, an old
+    folder that could not be deleted); without one these are ``RuntimeWarning``\\ s.
 
     Raises :class:`DestinationError` when ``out_dir`` is being written by another timm-epsa, is not
-    empty (unless ``force``) or became so while the block ran, or cannot be a destination at all.
+    empty (unless ``force``) or became so while the block ran, is a symbolic link, or cannot be a
+    destination at all.
     """
     with _writing(out_dir, force, log, folder=True) as staging:
         yield staging
@@ -90,6 +98,16 @@ def staged_file(out: PathLike, force: bool = False, log: Optional[Log] = None) -
         yield staging / Path(out).name
 
 
+def destination_path(out: PathLike) -> Path:
+    """The absolute path a destination ``out`` names: the folder it is in resolved (links on the way
+    followed), its own name kept, so that a link of that name is the destination itself, never
+    followed. Every check that compares an output's path with another (an OUT inside SOURCE) uses it."""
+    given = Path(out)
+    if given.name in ('', '..'):  # '/', '.', 'a/..': a folder named by where it is, not a name in one
+        return Path(os.path.realpath(given))
+    return Path(os.path.realpath(given.parent)) / given.name
+
+
 class _Destination:
     """Where an output goes, resolved, with the user's spelling of it for messages."""
 
@@ -98,7 +116,13 @@ class _Destination:
         problem = utf8_path_problem(self.shown)
         if problem:
             raise DestinationError(f'{problem}; choose another name')
-        self.path = Path(os.path.realpath(path))
+        dangling = next((p for p in Path(path).parents if p.is_symlink() and not p.exists()), None)
+        if dangling is not None:
+            raise DestinationError(
+                f'{self.shown}: the folder {dangling} on the way to it is a symbolic link to '
+                f'{os.path.realpath(dangling)}, which does not exist; timm-epsa creates no folder where a link points: '
+                f'create that folder, or write elsewhere')
+        self.path = destination_path(path)
         name = self.path.name.encode('utf-8')
         if not name:
             raise DestinationError(f'{self.shown} names no file or folder to write; give the name of one')
@@ -149,6 +173,7 @@ def _writing(out: PathLike, force: bool, log: Optional[Log], folder: bool) -> It
             try:
                 _pause_for_tests('staging')
                 yield staging
+                _follow_umask(staging)
                 with _signals_held() as received:
                     _pause_for_tests('commit')
                     if folder:
@@ -189,10 +214,42 @@ def _make_parents(folder: Path) -> List[Path]:
     return missing
 
 
+def _follow_umask(root: Path) -> None:
+    """Give the files and folders under ``root`` the modes the umask gives new ones; links are left as they are."""
+    umask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where Linux shows it (setting it to read it, the only other
+    way, would change it for a moment for every thread creating files)."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _check_destination(dest: _Destination, force: bool, folder: bool, while_writing: bool = False) -> None:
-    """Refuse a destination of the wrong kind, or one that is not empty unless ``force``."""
+    """Refuse a symbolic link, a destination of the wrong kind, or one that is not empty unless ``force``."""
     if not os.path.lexists(dest.path):
         return
+    if dest.path.is_symlink():
+        target = os.path.realpath(dest.path)
+        missing = '' if dest.path.exists() else ', which does not exist'
+        raise DestinationError(
+            f'{dest.shown} is a symbolic link to {target}{missing}: timm-epsa neither writes through a link nor '
+            f'replaces one, --force or not; give {target} to write there, or remove the link')
     if folder != dest.path.is_dir():
         kind, wanted = ('a file', 'a folder') if folder else ('a folder', 'a file')
         raise DestinationError(f'{dest.shown} is {kind}, and {wanted} was to be written there; remove it or choose '

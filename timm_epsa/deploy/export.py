@@ -15,22 +15,29 @@ from typing import Callable, Optional, Tuple, Union
 import timm
 from torch import nn
 
+from timm.data import resolve_model_data_config
 from timm.models import split_model_name_tag
 
 from ..escaping import first_line
 from ..hub import CONFIG_NAME, WEIGHTS_NAME
+from ..hub.checkpoint import MAX_SIDE, CheckpointError
 from ..hub.convert import model_from_checkpoint
 from ..models.epsanet import MODEL_NAMES, check_model_name
-from ..staging import staged_file, staged_folder
+from ..staging import destination_path, staged_file, staged_folder
 from .forms import OPENVINO
-from .graph_export import ExportReport, export_model
+from .graph_export import CHECK_BATCHES, ExportReport, export_model
 from .precision import FP32
 from .runtimes import check_precision, require_runtime
+from .tracing import TRACE_BATCH
 
 __all__ = ['OPENVINO_FILES', 'ExportedModel', 'export', 'model_from_source']
 
 OPENVINO_FILES = ('model.xml', 'model.bin')  # what an OpenVINO OUT folder holds
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.tar', '.bin', '.ckpt', '.safetensors')  # a SOURCE that names a file
+# The check runs eager PyTorch, then the runtime, on a random input of the largest batch it checks. EPSANet's
+# activations take 20-60 times that input's memory in eager PyTorch (epsanet50, epsanet101, epsanet50_large at
+# 224-512 px, batch 1-8), and about as much again in the runtime: the input may take 1/64 of the machine's memory.
+INPUT_SHARE_OF_MEMORY = 1 / 64
 
 
 @dataclass
@@ -49,33 +56,39 @@ def export(
         img_size: Optional[int] = None,
         model_name: Optional[str] = None,
         ema: bool = False,
+        ignore_train_args: bool = False,
         force: bool = False,
         log: Optional[Callable[[str], None]] = None,
         precision: str = FP32,
         calibration: Optional[Union[str, Path]] = None,
         tune: bool = True,
 ) -> ExportedModel:
-    """Export ``source`` (see :func:`model_from_source`) for ``runtime`` to ``out``, checked before it
-    appears there; ``force`` replaces an existing ``out``. ``batch_size`` fixes the batch (dynamic
-    otherwise), ``img_size`` the image side (the model's pretrained cfg otherwise); ``precision``,
-    ``calibration`` and ``tune`` as :func:`timm_epsa.deploy.export_model` takes them."""
+    """Export ``source`` (see :func:`model_from_source`, which takes ``model_name``, ``ema`` and
+    ``ignore_train_args``) for ``runtime`` to ``out``, checked before it appears there; ``force``
+    replaces an existing ``out``. ``batch_size`` fixes the batch (dynamic otherwise), ``img_size`` the
+    image side (the model's pretrained cfg otherwise); ``precision``, ``calibration`` and ``tune`` as
+    :func:`timm_epsa.deploy.export_model` takes them."""
     check_precision(runtime, precision, calibration)
     require_runtime(runtime, precision)  # before any work: the one thing a fresh install is likely to lack
     progress = log or (lambda message: None)
     out = Path(out)
-    if runtime == OPENVINO and out.suffix in ('.xml', '.bin'):
+    if out.name in ('.onnx', '.xml', '.bin'):  # a hidden file's name, not a suffix
+        example = out.with_name('model-ir' if runtime == OPENVINO else 'model.onnx')
+        raise ValueError(f'OUT {out} is a suffix without a name; give a name, e.g. {example}')
+    if runtime == OPENVINO and out.suffix in ('.xml', '.bin', '.onnx'):
         raise ValueError(f'OUT {out} is a folder for openvino (it will hold {" and ".join(OPENVINO_FILES)}): give a '
                          f'folder name such as {out.with_suffix("")}-ir')
     if runtime != OPENVINO and out.suffix != '.onnx':
         raise ValueError(f'OUT {out} must end in .onnx (torch.onnx.export chooses the file format by the suffix)')
-    source_path, out_path = Path(source).resolve(), out.resolve()
+    source_path, out_path = Path(source).resolve(), destination_path(out)
     if source_path.exists() and (out_path == source_path or out_path in source_path.parents):
         raise ValueError(f'OUT {out} would replace SOURCE {source}; write to another path')
     if source_path.is_dir() and source_path in out_path.parents:
         raise ValueError(f'OUT {out} is inside the SOURCE folder {source}; write outside it')
     staged = staged_folder(out, force=force, log=log) if runtime == OPENVINO else staged_file(out, force=force, log=log)
     with staged as staging:
-        model, name, described = model_from_source(source, model_name, ema, progress)
+        model, name, described = model_from_source(source, model_name, ema, ignore_train_args, progress)
+        _check_input_fits(model, img_size, batch_size)
         progress(f'exporting {name} ({described}) for {runtime} in {precision} and checking it against eager PyTorch')
         target = staging / OPENVINO_FILES[0] if runtime == OPENVINO else staging
         report = export_model(model, target, runtime, batch_size=batch_size, img_size=img_size, precision=precision,
@@ -83,17 +96,42 @@ def export(
     return ExportedModel(path=out, model_name=name, source=described, report=report)
 
 
+def _check_input_fits(model: nn.Module, img_size: Optional[int], batch_size: Optional[int]) -> None:
+    """Refuse, before anything is allocated, an input too large for this machine's memory to check
+    (:data:`INPUT_SHARE_OF_MEMORY`)."""
+    channels, height, width = resolve_model_data_config(model)['input_size']
+    sides = (img_size, img_size) if img_size is not None else (height, width)
+    batch = batch_size or max(*CHECK_BATCHES, TRACE_BATCH)
+    needed = batch * channels * sides[0] * sides[1] * 4  # float32
+    memory = _physical_memory()
+    if memory is not None and needed > memory * INPUT_SHARE_OF_MEMORY:
+        raise ValueError(
+            f'checking the export runs it on a batch of {batch} images of {channels}x{sides[0]}x{sides[1]}, '
+            f'{needed / 1e9:.3g} GB of input; with the activations (up to {1 / INPUT_SHARE_OF_MEMORY:.0f} times '
+            f'as much) that exceeds this machine\'s {memory / 1e9:.3g} GB of memory: give a smaller --img-size or '
+            f'--batch-size')
+
+
+def _physical_memory() -> Optional[int]:
+    """Bytes of memory this machine has, or None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def model_from_source(
         source: Union[str, Path],
         model_name: Optional[str] = None,
         ema: bool = False,
+        ignore_train_args: bool = False,
         log: Callable[[str], None] = lambda message: None,
 ) -> Tuple[nn.Module, str, str]:
     """(model in eval mode, its architecture, where its weights come from in words) for ``source``:
 
     * a folder as ``timm-epsa convert`` and ``quickstart`` write it, loaded as ``local-dir:``;
-    * a checkpoint file, read and checked as ``convert`` reads it, for ``model_name`` (or the
-      EPSANet variant a timm train.py checkpoint records);
+    * a checkpoint file, read and checked as ``convert`` reads it (``ema``, ``ignore_train_args``),
+      for ``model_name`` (or the EPSANet variant a timm train.py checkpoint records);
     * a variant's name (``epsanet50``, ``epsanet50.in1k``), with random weights: for checking a
       runtime's speed or the graph, not for predictions.
     """
@@ -101,13 +139,22 @@ def model_from_source(
     if text.startswith('hf-hub:'):
         raise ValueError(f'{text}: export reads local files; download the repo first (huggingface-cli download '
                          f'<repo> --local-dir DIR) and give DIR')
-    if not path.is_file() and (model_name or ema):
-        raise ValueError(f'--model and --ema are for a checkpoint file SOURCE; {text} is not one (a folder or a '
-                         f'model name brings its own architecture and weights)')
+    if not path.is_file() and (model_name or ema or ignore_train_args):
+        raise ValueError(f'--model, --ema and --ignore-train-args are for a checkpoint file SOURCE; {text} is not one '
+                         f'(a folder or a model name brings its own architecture, weights and preprocessing)')
+    hides = os.sep not in text and split_model_name_tag(text)[0] in MODEL_NAMES
     if path.is_dir():
-        return _model_from_folder(path)
+        return _model_from_folder(path, hides)
     if path.is_file():
-        model, checkpoint = model_from_checkpoint(path, model_name, ema=ema, log=log)
+        try:
+            model, checkpoint = model_from_checkpoint(
+                path, model_name, ema=ema, ignore_train_args=ignore_train_args, log=log)
+        except (CheckpointError, ValueError) as e:
+            if not hides:
+                raise
+            kind = CheckpointError if isinstance(e, CheckpointError) else ValueError
+            raise kind(f'{e}; the file {text} here hides the model name {text}: run from a directory without such a '
+                       f'file to export the model with random weights') from e
         return model, model.pretrained_cfg['architecture'], f'weights from {text}'
     name = split_model_name_tag(text)[0]
     if name in MODEL_NAMES:
@@ -121,11 +168,11 @@ def model_from_source(
         f"quickstart, nor a checkpoint file")
 
 
-def _model_from_folder(path: Path) -> Tuple[nn.Module, str, str]:
-    """The model of a Hub folder, its config and weights checked before timm builds anything."""
+def _model_from_folder(path: Path, hides: bool) -> Tuple[nn.Module, str, str]:
+    """The model of a Hub folder, its config and weights checked before timm builds anything; ``hides``:
+    the folder's path, as given, is also a model's name."""
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        hides = split_model_name_tag(path.name)[0] in MODEL_NAMES and not path.is_absolute()
         raise ValueError(
             f'{path} is a folder without {CONFIG_NAME}' + (
                 f', which hides the model name {path}: run from a directory without such a folder to export the '
@@ -139,8 +186,21 @@ def _model_from_folder(path: Path) -> Tuple[nn.Module, str, str]:
     name = config.get('architecture') if isinstance(config, dict) else None
     if name not in MODEL_NAMES:
         raise ValueError(f"{path} holds {name!r}, not an EPSANet variant ({', '.join(MODEL_NAMES)})")
+    for part in ('pretrained_cfg', 'model_args'):
+        if not isinstance(config.get(part, {}), dict):
+            raise ValueError(f'{config_path}: its {part} is a {type(config[part]).__name__}, not a mapping of names to '
+                             f'values; write the folder again with timm-epsa convert')
+    size = config.get('pretrained_cfg', config).get('input_size')  # timm reads it from the top in old configs
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SIDE for n in size)):
+        raise ValueError(f'{config_path} gives input_size {size}, which is not [channels, height, width] of 1 to '
+                         f'{MAX_SIDE}; correct it, or write the folder again with timm-epsa convert')
     if not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f'{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}; write the folder again with timm-epsa '
                          f'convert')
-    model = timm.create_model(f'local-dir:{path}', pretrained=True).eval()
+    try:
+        model = timm.create_model(f'local-dir:{path}', pretrained=True).eval()
+    except (AssertionError, IndexError, KeyError, TypeError) as e:  # what timm and ResNet raise on such a config
+        raise ValueError(f'{config_path} does not describe a model timm can build ({type(e).__name__}: '
+                         f'{first_line(e)}); write the folder again with timm-epsa convert') from e
     return model, name, f'weights from the folder {path}'

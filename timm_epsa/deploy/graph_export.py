@@ -7,7 +7,8 @@ branch in the form tuned on this machine for the runtime and precision
 when the batch is dynamic, because ``torch.export`` specialises a traced size of 1. OpenVINO IR is
 converted from that graph and saved in fp32 (``openvino.save_model`` would otherwise compress the
 weights to fp16). Nothing is reported done before the runtime has run the written files on a
-real-sized input and matched the eager fp32 model within ``TOLERANCE`` in fp32; then, for bf16,
+real-sized input and matched the eager fp32 model within ``TOLERANCE`` in fp32 as
+:func:`output_error` measures it; then, for bf16,
 run in bf16 within ``BF16_TOLERANCE``; for int8, quantized on calibration images and agreeing with
 eager fp32's top-1 class on held-out images at least ``MIN_AGREEMENT`` of the time. A file that
 fails is removed.
@@ -33,10 +34,15 @@ from .runtimes import ExportError, check_precision, load_runner, require_runtime
 from .tracing import BATCH_DIM, TRACE_BATCH, export_onnx
 from .tuning import choose_forms
 
-__all__ = ['BF16_TOLERANCE', 'ExportCheckError', 'ExportReport', 'MIN_AGREEMENT', 'TOLERANCE', 'export_model']
+__all__ = ['BF16_TOLERANCE', 'ExportCheckError', 'ExportReport', 'MIN_AGREEMENT', 'TOLERANCE', 'export_model',
+           'output_error']
 
-TOLERANCE = 1e-4  # largest error, relative to the largest output magnitude of eager fp32
-BF16_TOLERANCE = 2e-2  # the same measure, OpenVINO running the file in bf16: 5x the 4e-3 measured
+# Largest output_error of an fp32 export: exact forms differ from eager fp32 by 2e-6 to 5e-6 (epsanet50
+# and layers=(1, 1, 1, 1), 64-224 px, ONNX Runtime and OpenVINO), one PSA branch 50% off by 0.19.
+TOLERANCE = 1e-4
+# output_error of the file run in bf16 by OpenVINO, on the check's random input: 3.5x the largest measured
+# (1.9e-2 to 2.9e-2: the quickstart digits model, epsanet50 with layers=(1, 1, 1, 1) at 64 px, epsanet50 at 224 px).
+BF16_TOLERANCE = 0.1
 MIN_AGREEMENT = 0.95  # of int8's top-1 classes with eager fp32's on the held-out images
 CHECK_BATCHES = (1, 3)  # a dynamic batch is checked at sizes other than the traced one
 
@@ -53,7 +59,7 @@ class ExportReport:
     input_size: Tuple[int, int, int]
     batch_size: Optional[int]  # None: any batch size
     checked_batch_sizes: Tuple[int, ...]
-    max_error: float  # relative to the largest eager output magnitude, the file run in fp32
+    max_error: float  # the largest output_error, the file run in fp32
     precision: str = FP32
     runs_in: str = 'f32'  # what the runtime ran the file in for the precision's check
     precision_error: Optional[float] = None  # bf16: as max_error, the file run in bf16
@@ -172,11 +178,36 @@ def _export_openvino(graph: nn.Module, path: Path, input_size: Tuple[int, int, i
     openvino.save_model(ov_model, str(path), compress_to_fp16=False)
 
 
+def output_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """How far ``actual`` (a runtime's output) is from ``expected`` (eager PyTorch's, finite), as the
+    export check measures it: for each sample, the largest difference over its outputs divided by the
+    typical spread of that sample's outputs, the median distance from their median among the outputs
+    not at it (the median's magnitude where all outputs are at it: one output, or all equal); the
+    largest of these. NaN where ``actual`` holds NaN.
+
+    Relative to the spread of the sample itself, so that neither one dominant logit (a difference of
+    2.6e-9 of the largest logit can be 0.06 of a typical one) nor a sample of small outputs beside one
+    of large ones hides an error; a median, so that the dominant output cannot widen the spread, and
+    among the outputs off the median, so that many equal ones (ReLU's zeros in pooled features) cannot
+    narrow it to nothing. Within this error the classes' order changes only between logits closer than
+    twice it, so the top-k classes agree but for such ties."""
+    expected, actual = expected.detach().double().flatten(1), actual.detach().double().flatten(1)
+    median = expected.median(1).values
+    deviation = (expected - median[:, None]).abs()
+    spread = deviation.where(deviation > 0, torch.nan).nanmedian(1).values
+    spread = torch.where(spread.isnan(), median.abs(), spread).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(((actual - expected).abs().amax(1) / spread).max())
+
+
 def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...], precision: str = FP32,
            tolerance: float = TOLERANCE) -> float:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference(x)
+    if not bool(expected.isfinite().all()):
+        raise ExportCheckError(
+            f'eager PyTorch\'s own output holds inf or nan at batch {shape[0]}: the model\'s weights are not finite, '
+            f'or so large that its activations overflow float32; export finite, trained weights')
     try:
         actual = torch.from_numpy(load_runner(runtime, path, precision=precision)(x.numpy()))
     except Exception as e:
@@ -184,9 +215,9 @@ def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...
     if actual.shape != expected.shape:
         raise ExportCheckError(
             f'{runtime} output has shape {tuple(actual.shape)} at batch {shape[0]}, eager PyTorch {tuple(expected.shape)}')
-    error = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    error = output_error(expected, actual)
     if not error <= tolerance:  # also catches NaN
         raise ExportCheckError(
             f'{runtime} output' + (f' in {precision}' if precision != FP32 else '') + f' differs from eager PyTorch '
-            f'by {error:.1e} (relative) at batch {shape[0]}, more than {tolerance:.0e}: export removed')
+            f'by {error:.1e} of the outputs\' spread at batch {shape[0]}, more than {tolerance:.0e}: export removed')
     return error

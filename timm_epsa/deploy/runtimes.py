@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..escaping import first_line
 from .forms import ONNXRUNTIME, OPENVINO, RUNTIMES
 from .precision import BF16, FP32, INT8, PRECISIONS, openvino_config
 
@@ -36,12 +37,17 @@ def require_runtime(runtime: str, precision: str = FP32) -> None:
     if runtime not in RUNTIMES:
         raise ValueError(f'unknown runtime {runtime!r}; choose from {", ".join(RUNTIMES)}')
     for package in _PACKAGES[runtime] + (_INT8_PACKAGES.get(runtime, ()) if precision == INT8 else ()):
+        what = f'{runtime} in {precision}' if package in _INT8_PACKAGES.get(runtime, ()) else runtime
         try:
             importlib.import_module(package)
         except ImportError:
-            what = f'{runtime} in {precision}' if package in _INT8_PACKAGES.get(runtime, ()) else runtime
             raise MissingRuntimeError(
                 f'exporting for {what} needs the {package} package, which is not installed: {DEPLOY_EXTRA}') from None
+        except Exception as e:  # installed, but broken: a failed upgrade, a binary for another CPU or Python
+            raise ExportError(
+                f'exporting for {what} needs the {package} package, which is installed but fails to import '
+                f'({type(e).__name__}: {first_line(e)}): reinstall it, pip install --force-reinstall {package}'
+            ) from e
 
 
 def check_precision(runtime: str, precision: str, calibration: Optional[object] = None) -> None:

@@ -13,9 +13,11 @@ import math
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +29,8 @@ from timm.models import load_state_dict
 from ..escaping import first_line, one_line, utf8_path_problem
 
 __all__ = [
-    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'check_fits', 'check_values', 'read_checkpoint',
+    'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'MAX_SIDE', 'NonFiniteWeightsError', 'check_fits',
+    'check_source', 'check_values', 'check_weights', 'nonfinite_weights_allowed', 'not_safetensors', 'read_checkpoint',
     'recorded_data_config',
 ]
 
@@ -41,12 +44,17 @@ _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}')
 # What the preprocessing a checkpoint records may be: timm's interpolations and crop modes, sides in pixels.
 _INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 _CROP_MODES = ('center', 'squash', 'border')
-_MAX_SIDE = 8192
+MAX_SIDE = 8192  # pixels: the largest image side a recorded or configured preprocessing may have
 _CROP_PCT_RANGE = (0.1, 2.0)  # the image is resized to 1/crop_pct of the crop before it is cropped
+_NONFINITE_ALLOWED: ContextVar[bool] = ContextVar('timm_epsa_nonfinite_weights_allowed', default=False)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read safely, or holds no weights this package can use."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights holding inf or nan (``timm-epsa convert --allow-nonfinite`` keeps them)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -80,23 +88,25 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
     which also refuses one that would run code.
     """
     path = Path(path)
-    _check_source(path)
+    check_source(path)
     record = {} if path.suffix == '.safetensors' else _read_record(path)
     has_ema = any(isinstance(record.get(key), dict) for key in _EMA_KEYS)
     if ema and not has_ema:
-        raise CheckpointError(f"{path} holds no EMA weights (no {' or '.join(_EMA_KEYS)}); convert it without --ema")
+        raise CheckpointError(f"{path} holds no EMA weights (no {' or '.join(_EMA_KEYS)}); leave out --ema")
     try:
         state_dict = load_state_dict(str(path), use_ema=ema)
     except SafetensorError as e:
-        raise CheckpointError(f'{path} is not a valid safetensors file: {e}') from e
+        raise not_safetensors(path, e) from e
     except (AttributeError, TypeError) as e:  # what timm's key choice found is no mapping of names
         keys = _keys_not_names(record)
         if keys:
             raise CheckpointError(
                 f'{path}: not a state dict of a PyTorch model, it has keys that are not parameter names '
-                f'({_listed(keys)}); convert a checkpoint torch.save(model.state_dict()) or timm\'s train.py wrote'
+                f'({_listed(keys)}); give a checkpoint torch.save(model.state_dict()) or timm\'s train.py wrote'
             ) from e
         raise CheckpointError(f'{path} holds no state dict (a mapping of parameter names to tensors)') from e
+    except Exception as e:  # damage the memory-mapped read of the record did not touch (a storage shorter
+        raise _unreadable(path, f'{type(e).__name__}: {first_line(e)}') from e  # than its header says)
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f'{path}: not a state dict, these entries are not tensors: {_listed(not_tensors)}')
@@ -128,7 +138,8 @@ def read_checkpoint(path: Union[str, Path], ema: bool = False) -> Checkpoint:
     )
 
 
-def _check_source(path: Path) -> None:
+def check_source(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` names a regular file torch and safetensors can open."""
     problem = utf8_path_problem(str(path))
     if problem:
         raise CheckpointError(f'{problem}; rename the file')
@@ -168,6 +179,42 @@ def _keys_not_names(record: Mapping[Any, Any]) -> List[str]:
     return [f'{k!r} ({type(k).__name__})' for m in mappings for k in m if not isinstance(k, str)]
 
 
+@contextmanager
+def nonfinite_weights_allowed() -> Iterator[None]:
+    """Inside the block, :func:`check_values` lets inf and nan through on every route, ``pretrained=True``
+    included: for weights known to hold them, such as a folder ``convert --allow-nonfinite`` wrote
+    (which convert itself loads back inside it)."""
+    token = _NONFINITE_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _NONFINITE_ALLOWED.reset(token)
+
+
+def not_safetensors(path: Union[str, Path], error: SafetensorError) -> CheckpointError:
+    """The error for a file read as safetensors that is not one (safetensors' own message names no file)."""
+    return CheckpointError(
+        f'{path} is not a valid safetensors file ({first_line(error)}): it is damaged, or was written by something '
+        f'else under that name; write it again (timm-epsa convert, or safetensors.torch.save_file)')
+
+
+def check_weights(
+        state_dict: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        what: str,
+        architecture: str,
+        skip_keys: Iterable[str] = (),
+        skip_shapes: Iterable[str] = (),
+        allow_nonfinite: bool = False,
+) -> None:
+    """The check weights pass before they reach an EPSANet, on every route that loads them (``convert``,
+    ``export`` of a checkpoint, ``pretrained=True`` from the Hub, a file or a folder): the names and
+    shapes of :func:`check_fits` (with its ``skip_keys`` and ``skip_shapes``), then the kinds and
+    values of :func:`check_values`. ``what`` names the weights in the errors."""
+    check_fits(state_dict, model, what, architecture, skip_keys=skip_keys, skip_shapes=skip_shapes)
+    check_values(state_dict, model, what, allow_nonfinite=allow_nonfinite)
+
+
 def check_values(
         state_dict: Mapping[str, torch.Tensor],
         model: nn.Module,
@@ -176,11 +223,15 @@ def check_values(
 ) -> None:
     """Raise :class:`CheckpointError` for a tensor the model would take but should not: one of
     another kind than its slot (integers or booleans where the model has floats: quantized or
-    damaged weights, which ``load_state_dict`` would silently cast), non-finite floats (unless
-    ``allow_nonfinite``), or negative BatchNorm variances. Keys must already fit (:func:`check_fits`)."""
+    damaged weights, which ``load_state_dict`` would silently cast), non-finite floats
+    (:class:`NonFiniteWeightsError`, unless ``allow_nonfinite`` or inside :func:`nonfinite_weights_allowed`), or
+    negative BatchNorm variances.
+    Tensors the model has no slot for are :func:`check_fits`' to report (or for timm to drop)."""
     slots = model.state_dict()
     for key, tensor in state_dict.items():
-        slot = slots[key]
+        slot = slots.get(key)
+        if slot is None:
+            continue
         if tensor.layout != torch.strided:
             raise CheckpointError(
                 f'{what}: {key} is a {str(tensor.layout).removeprefix("torch.")} tensor, where the model has a dense '
@@ -188,21 +239,22 @@ def check_values(
         if tensor.dtype == torch.bool or tensor.is_complex() or tensor.is_floating_point() != slot.is_floating_point():
             raise CheckpointError(
                 f'{what}: {key} holds {tensor.dtype} values where the model has {slot.dtype} ones (quantized or '
-                f'damaged weights), which cannot be converted as they are; convert the float checkpoint, or cast '
-                f'the tensor yourself if its values are meant as they are')
+                f'damaged weights), which loading would silently cast; use the float checkpoint, or cast the tensor '
+                f'yourself if its values are meant as they are')
         if not tensor.is_floating_point():
             continue
+        cast = f' once cast to the model\'s {slot.dtype}' if tensor.dtype != slot.dtype else ''
         tensor = tensor.to(slot.dtype)  # the values as the model will hold them: 1e300 is inf in float32
-        if not allow_nonfinite:
+        if not (allow_nonfinite or _NONFINITE_ALLOWED.get()):
             bad = tensor.numel() - int(torch.isfinite(tensor).sum())
             if bad:
-                raise CheckpointError(
-                    f'{what}: {key} holds {bad} non-finite values (inf or nan): the training run diverged or the '
-                    f'file is damaged; convert another checkpoint, or pass --allow-nonfinite to convert it as it is')
+                raise NonFiniteWeightsError(
+                    f'{what}: {key} holds {bad} non-finite values (inf or nan){cast}: the training run diverged or '
+                    f'the file is damaged; use another checkpoint')
         if key.endswith('.running_var') and bool((tensor < 0).any()):
             raise CheckpointError(
                 f'{what}: {key} holds negative variances, which no BatchNorm can have: the file is damaged; '
-                f'convert another checkpoint')
+                f'use another checkpoint')
 
 
 def recorded_data_config(args: argparse.Namespace, model: nn.Module, what: str) -> Dict[str, Any]:
@@ -215,7 +267,7 @@ def recorded_data_config(args: argparse.Namespace, model: nn.Module, what: str) 
     def refuse(name: str, why: str) -> CheckpointError:
         return CheckpointError(
             f"{what}: its training arguments record {name}={one_line(repr(recorded[name]))[:60]}, {why}; pass "
-            f"--ignore-train-args to convert it with {model.pretrained_cfg['architecture']}'s default preprocessing")
+            f"--ignore-train-args to use {model.pretrained_cfg['architecture']}'s default preprocessing instead")
 
     for name in ('in_chans', 'chans'):
         if recorded.get(name) is not None and not _whole(recorded[name], channels, channels):
@@ -228,9 +280,9 @@ def recorded_data_config(args: argparse.Namespace, model: nn.Module, what: str) 
         sides = size[1:]
     elif recorded.get('img_size') is not None:
         sides = (recorded['img_size'],)
-    if not all(_whole(side, 1, _MAX_SIDE) for side in sides):
+    if not all(_whole(side, 1, MAX_SIDE) for side in sides):
         raise refuse('input_size' if recorded.get('input_size') is not None else 'img_size',
-                     f'but image sides are whole numbers of pixels from 1 to {_MAX_SIDE}')
+                     f'but image sides are whole numbers of pixels from 1 to {MAX_SIDE}')
     if recorded.get('interpolation') and recorded['interpolation'] not in _INTERPOLATIONS:
         raise refuse('interpolation', f"which is not one of timm's: {', '.join(_INTERPOLATIONS)}")
     if recorded.get('crop_mode') and recorded['crop_mode'] not in _CROP_MODES:

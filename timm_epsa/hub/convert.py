@@ -9,6 +9,7 @@ locks OUT_DIR for the whole run). What the checkpoint records reaches the model 
 """
 import argparse
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
@@ -20,8 +21,8 @@ from .. import __version__
 from ..escaping import code_span, shell_word
 from ..models.epsanet import MODEL_NAMES
 from ..models.measure import ModelFacts
-from ..staging import staged_folder
-from .checkpoint import Checkpoint, check_fits, check_values, read_checkpoint, recorded_data_config
+from ..staging import destination_path, staged_folder
+from .checkpoint import Checkpoint, check_weights, nonfinite_weights_allowed, read_checkpoint, recorded_data_config
 from .folder import write_hub_folder
 from .repos import check_repo_id, hub_repo_id
 
@@ -64,7 +65,8 @@ def convert_checkpoint(
         force: replace a non-empty ``out_dir`` (only once the new folder is complete).
         top1, top5: ImageNet-1k validation accuracy in percent for the model card.
         repo_id: the repo the model card's examples name; defaults to where ``pretrained=True`` looks.
-        allow_nonfinite: convert weights holding inf or nan as they are (otherwise refused).
+        allow_nonfinite: convert weights holding inf or nan as they are (otherwise refused); loading the
+            folder with ``pretrained=True`` refuses them too, but inside :func:`nonfinite_weights_allowed`.
         ignore_train_args: leave out the training arguments a timm train.py checkpoint records
             (config.json then gets the variant's default preprocessing, the card no training command).
         log: receives one line per step, and what was done beyond it (see :func:`staged_folder`).
@@ -73,11 +75,12 @@ def convert_checkpoint(
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODEL_NAMES)}")
     src, out_dir = Path(src), Path(out_dir)
     repo_id = check_repo_id(repo_id) if repo_id is not None else hub_repo_id(model_name)
-    if force and out_dir.resolve() in src.resolve().parents:
+    if force and destination_path(out_dir) in src.resolve().parents:
         raise FileExistsError(f'{src} is inside {out_dir}, which --force would delete; write to another folder')
     progress = log or (lambda message: None)
 
-    with staged_folder(out_dir, force=force, log=log) as staging:
+    allowed = nonfinite_weights_allowed() if allow_nonfinite else nullcontext()  # for the load back too
+    with staged_folder(out_dir, force=force, log=log) as staging, allowed:
         model, checkpoint = model_from_checkpoint(
             src, model_name, ema=ema, allow_nonfinite=allow_nonfinite, ignore_train_args=ignore_train_args,
             log=progress)
@@ -122,8 +125,8 @@ def model_from_checkpoint(
         log(f'left off the model card: {note}')
     model = _model_for(checkpoint, model_name, src)
     trained_as = f' (trained as {checkpoint.arch})' if checkpoint.arch not in (None, model_name) else ''
-    check_fits(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name)
-    check_values(checkpoint.state_dict, model, what=str(src), allow_nonfinite=allow_nonfinite)
+    check_weights(checkpoint.state_dict, model, what=f'{src}{trained_as}', architecture=model_name,
+                  allow_nonfinite=allow_nonfinite)
     model.load_state_dict(checkpoint.state_dict)
     return model, checkpoint
 

@@ -3,7 +3,8 @@
 ``model.safetensors`` and ``config.json`` are what timm's own ``save_for_hf`` writes, adjusted so
 that transformers loads the folder too (:mod:`timm_epsa.hub.config_json`); ``timm.create_model('hf-hub:<repo>')``
 reads it like any timm repo. The ``README.md`` is the model card of :mod:`timm_epsa.hub.cards`. A folder
-is checked by loading it back the way users will.
+is checked by loading it back the way users will, and before it is published its ``config.json`` is
+checked against its weights (:func:`check_config_fits_weights`).
 """
 import os
 import re
@@ -12,15 +13,17 @@ from typing import Callable, Dict, Optional
 
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..escaping import first_line
 from ..models.measure import ModelFacts, measure_model
 from .cards import IMAGENET_1K, CardDataset, render_model_card
+from .checkpoint import CheckpointError, CheckpointMismatchError, check_fits
 from .config_json import save_for_hub
-from .pretrained import CARD_NAME
+from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ['HubFolderError', 'verify_hub_folder', 'write_hub_folder']
+__all__ = ['HubFolderError', 'check_config_fits_weights', 'verify_hub_folder', 'write_hub_folder']
 
 
 class HubFolderError(RuntimeError):
@@ -56,10 +59,11 @@ def write_hub_folder(
     try:
         save_for_hub(model, folder)  # timm's save_for_hf, config.json loadable by transformers too
     except SafetensorError as e:  # safetensors reports a failed write (a full disk) in its own words
-        code = re.search(r'os error (\d+)', str(e))
+        # the errno as Rust shows an io::Error: "os error 28" (safetensors >= 0.6), "Os { code: 28, ..." before
+        code = re.search(r'os error (\d+)|Os \{ code: (\d+)', str(e))
         if code is None:
             raise
-        number = int(code.group(1))
+        number = int(code.group(1) or code.group(2))
         raise OSError(number, os.strerror(number), str(folder / 'model.safetensors')) from e
     card = render_model_card(
         model_name,
@@ -83,7 +87,7 @@ def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: 
     model, strictly) and check that every tensor equals ``source`` and the outputs equal ``reference``'s."""
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     loaded_tensors = loaded.state_dict()
-    differing = [k for k, v in source.items() if not torch.equal(loaded_tensors[k], v.to(loaded_tensors[k].dtype))]
+    differing = [k for k, v in source.items() if not _same(loaded_tensors[k], v.to(loaded_tensors[k].dtype))]
     if differing:
         raise HubFolderError(f'{len(differing)} tensors changed in conversion, e.g. {differing[0]}')
     # The tensors are already known to be equal: the forward pass shows the model the folder builds
@@ -93,3 +97,38 @@ def verify_hub_folder(folder: Path, source: Dict[str, torch.Tensor], reference: 
         output, expected = loaded(x), reference(x)
     if not torch.allclose(output, expected, rtol=1e-5, atol=1e-5, equal_nan=True):
         raise HubFolderError('the converted model does not reproduce the source model outputs')
+
+
+def check_config_fits_weights(folder: Path) -> None:
+    """Raise :class:`CheckpointError` unless the network ``folder``'s ``config.json`` describes
+    (``architecture``, ``model_args``, ``num_classes``: what timm's ``local-dir:`` and transformers'
+    ``TimmWrapper`` build alike) holds exactly the tensors of its ``model.safetensors``, by name and shape.
+
+    timm refuses such a folder when it loads it; transformers loads it, with random layers where
+    weights are missing and without those it does not know, saying so only in a load report, and no
+    plugin can make it strict (docs/clients.md). So a folder is checked before it is published; the
+    network is built on the meta device and the weights' shapes read from the file's header.
+    """
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    try:
+        with torch.device('meta'):  # whatever the architecture: not every timm model takes device=
+            model = timm.create_model(f'local-dir:{folder}')
+    except KeyError as e:  # a field timm cannot do without
+        raise CheckpointError(f'{config} does not describe a model timm can build: it has no {e}') from e
+    except (RuntimeError, TypeError, ValueError) as e:  # unknown architecture, arguments it does not take
+        raise CheckpointError(f'{config} does not describe a model timm can build: {first_line(e)}') from e
+    try:
+        with safe_open(weights, framework='pt') as tensors:
+            shapes = {k: torch.empty(tensors.get_slice(k).get_shape(), device='meta') for k in tensors.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f'{weights} is not a valid safetensors file ({first_line(e)}); convert again') from e
+    try:
+        check_fits(shapes, model, what=str(weights),
+                   architecture=f"the {model.pretrained_cfg['architecture']} that {config} describes")
+    except CheckpointMismatchError as e:
+        raise CheckpointError(
+            f'{e}. transformers would load it with random layers or without some of them: make config.json describe '
+            f'the network the weights are for (architecture, model_args, num_classes), or convert again') from e
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, a NaN equal to a NaN (``convert --allow-nonfinite`` keeps them)."""
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))

@@ -8,7 +8,9 @@ from .. import __version__
 from ..escaping import first_line
 from .cards import card_repo_id
 from .download import TransportError, check_revision
+from .folder import check_config_fits_weights
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from .repos import check_repo_id
 
 __all__ = ['push_folder']
 
@@ -23,6 +25,7 @@ def push_folder(
     ``revision`` branch) if needed; the returned commit is the one to pin. A network failure is a
     ``ConnectionError`` saying so in one line."""
     folder = Path(folder)
+    check_repo_id(repo_id, what='REPO_ID')
     check_revision(revision)
     names = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
     missing = [name for name in names if not (folder / name).is_file()]
@@ -37,6 +40,7 @@ def push_folder(
         raise ValueError(
             f'{folder / CARD_NAME} is written for {card_repo!r}, its usage examples would name the wrong repo; '
             f'convert again with --repo-id {repo_id}')
+    check_config_fits_weights(folder)
     api = HfApi(library_name='timm-epsa', library_version=__version__)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

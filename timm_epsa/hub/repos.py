@@ -50,13 +50,14 @@ def hub_namespace() -> str:
     return namespace
 
 
-def check_repo_id(repo_id: str) -> str:
+def check_repo_id(repo_id: str, what: str = '--repo-id') -> str:
     """``repo_id`` if the Hub would accept it as ``<user or organisation>/<name>``, else a ``ValueError``
-    that says why: checked before converting, not by the Hub at ``push``."""
+    that says why, naming it as ``what`` (the argument it was given as): checked before any work,
+    not by the Hub."""
     problem = _hub_name_problem(repo_id, slashes=1)
     if problem:
         raise ValueError(
-            f"--repo-id {repo_id!r} is not a repo id the Hub accepts ({problem}); give "
+            f"{what} {repo_id!r} is not a repo id the Hub accepts ({problem}); give "
             f"<user or organisation>/<name>, e.g. me/epsanet50.in1k")
     return repo_id
 

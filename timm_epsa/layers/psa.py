@@ -12,7 +12,7 @@ ways that trained weights depend on:
     * the branches are concatenated in reverse order (largest kernel first), which the BatchNorm
       after the layer has learned to expect.
 """
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from torch import nn
 
 from timm.layers import LayerType, create_act_layer, get_act_layer, register_notrace_module
 
+from ..arguments import whole_number, whole_numbers
+from ..escaping import first_line
 from .grouped_conv import grouped_conv2d, prefers_depthwise
 
 # Its device test is data-dependent control flow for torch.fx: keep the call a leaf of fx graphs
@@ -29,9 +31,36 @@ from .grouped_conv import grouped_conv2d, prefers_depthwise
 torch.fx.wrap('grouped_conv2d')
 
 
+def _checked_input(x: torch.Tensor, in_chs: int) -> torch.Tensor:
+    """``x`` if it is a batch of images with ``in_chs`` channels, else a one-line error saying what
+    is wrong, before a convolution fails on it deep inside (or, for unbatched input, one of the
+    group sums). A leaf of fx graphs (wrapped below): its tests are control flow fx cannot trace.
+
+    Unbatched (C, H, W) input, which ``nn.Conv2d`` takes, is refused: under torch.compile with
+    dynamic shapes inductor fails on its training graph (torch 2.14), and the BatchNorm that
+    follows PSA in a network refuses it as well."""
+    if x.dim() == 3:
+        raise ValueError(
+            f'PyramidSqueezeAttention: the input of shape {list(x.shape)} has no batch dimension; pass '
+            f'(batch, {in_chs}, height, width), e.g. x.unsqueeze(0) for a single image.')
+    if x.dim() != 4:
+        raise ValueError(
+            f'PyramidSqueezeAttention: the input of shape {list(x.shape)} is not (batch, {in_chs}, height, width); '
+            f'pass a batch of images.')
+    if x.shape[1] != in_chs:
+        raise ValueError(
+            f'PyramidSqueezeAttention: the input of shape {list(x.shape)} has {x.shape[1]} channels, the layer was '
+            f'built for in_chs={in_chs}; pass {in_chs}-channel images or build the layer with in_chs={x.shape[1]}.')
+    return x
+
+
+torch.fx.wrap('_checked_input')
+
+
 def _create_act(act_layer: LayerType) -> nn.Module:
     """An activation module the way timm layers make one (``create_act_layer``, in place where it can
-    be), ``nn.Identity`` for None, with a one-line error for a name or an instance it cannot use."""
+    be), ``nn.Identity`` for None, with a one-line error for a name, an instance or a callable it
+    cannot use (a function such as ``torch.relu``, a layer such as ``nn.Linear`` that needs arguments)."""
     if isinstance(act_layer, nn.Module):
         raise TypeError(
             f"act_layer={act_layer!r} is a module instance; pass its class or name "
@@ -42,8 +71,18 @@ def _create_act(act_layer: LayerType) -> nn.Module:
         raise ValueError(
             f'act_layer={act_layer!r} is not an activation timm knows; pass a name timm.layers.get_act_layer '
             f"takes (e.g. 'relu', 'silu', 'gelu') or an nn.Module class.") from None
-    act = create_act_layer(act_layer, inplace=True)
-    return nn.Identity() if act is None else act
+    try:
+        act = create_act_layer(act_layer, inplace=True)
+    except TypeError as e:  # not callable, or not without arguments
+        act = e
+    if act is None:
+        return nn.Identity()
+    if not isinstance(act, nn.Module):
+        why = f' ({first_line(act)})' if isinstance(act, TypeError) else f', it returns {type(act).__name__}'
+        raise TypeError(
+            f"act_layer={act_layer!r} does not build an activation module when called without arguments{why}; "
+            f"pass a name timm knows (e.g. 'relu', 'silu', 'gelu') or an nn.Module class such as nn.ReLU.")
+    return act
 
 
 class SEWeight(nn.Module):
@@ -75,7 +114,9 @@ class SEWeight(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        hidden = channels // reduction if reduction >= 1 else 0
+        channels = whole_number(channels, 'channels', 'SEWeight')
+        reduction = whole_number(reduction, 'reduction', 'SEWeight')
+        hidden = channels // reduction
         if hidden < 1:
             raise ValueError(
                 f'SEWeight: channels={channels} // reduction={reduction} leaves no hidden channel; '
@@ -112,36 +153,43 @@ class PSABranchConv(nn.Conv2d):
         return grouped_conv2d(x, self.weight, self.groups, self.stride, self.padding, self.dilation, as_depthwise)
 
 
-def _check_psa_args(
+def _psa_args(
         in_chs: int,
         out_chs: int,
-        kernel_sizes: Sequence[int],
-        groups: Sequence[int],
         stride: int,
         dilation: int,
-) -> None:
-    """Reject configurations the convolutions would fail on later, with the rule that is broken."""
-    if len(kernel_sizes) != len(groups) or not kernel_sizes:
+        kernel_sizes: Sequence[int],
+        groups: Sequence[int],
+) -> Tuple[int, int, int, int, Tuple[int, ...], Tuple[int, ...]]:
+    """The arguments as plain ints, or a one-line error for one the convolutions would fail on later
+    (or, as 0 channels, build a layer that computes nothing), with the rule that is broken."""
+    where = 'PyramidSqueezeAttention'
+    in_chs = whole_number(in_chs, 'in_chs', where)
+    out_chs = whole_number(out_chs, 'out_chs', where)
+    stride = whole_number(stride, 'stride', where)  # one int: every branch strides both sides alike
+    dilation = whole_number(dilation, 'dilation', where)
+    kernel_sizes = whole_numbers(kernel_sizes, 'kernel_sizes', where, each='one odd kernel size per branch')
+    groups = whole_numbers(groups, 'groups', where, each='one group count per branch')
+    if len(kernel_sizes) != len(groups):
         raise ValueError(
-            f'PyramidSqueezeAttention: kernel_sizes={tuple(kernel_sizes)} and groups={tuple(groups)} must be '
-            f'non-empty and of the same length (one kernel size and one group count per branch).')
+            f'{where}: kernel_sizes={kernel_sizes} and groups={groups} must be of the same length (one kernel '
+            f'size and one group count per branch).')
     num_branches = len(kernel_sizes)
     if out_chs % num_branches:
         raise ValueError(
-            f'PyramidSqueezeAttention: out_chs={out_chs} is not divisible by the {num_branches} branches; '
-            f'use a multiple of {num_branches}.')
-    if stride < 1 or dilation < 1:
-        raise ValueError(f'PyramidSqueezeAttention: stride={stride} and dilation={dilation} must be >= 1.')
+            f'{where}: out_chs={out_chs} is not divisible by the {num_branches} branches; use a multiple of '
+            f'{num_branches}.')
     branch_chs = out_chs // num_branches
     for k, g in zip(kernel_sizes, groups):
-        if k < 1 or k % 2 == 0:
+        if k % 2 == 0:
             raise ValueError(
-                f'PyramidSqueezeAttention: kernel size {k} in kernel_sizes={tuple(kernel_sizes)} must be a '
-                f'positive odd number so that padding keeps the output centred.')
-        if g < 1 or branch_chs % g or in_chs % g:
+                f'{where}: kernel size {k} in kernel_sizes={kernel_sizes} must be odd so that padding keeps the '
+                f'output centred.')
+        if branch_chs % g or in_chs % g:
             raise ValueError(
-                f'PyramidSqueezeAttention: groups={g} (kernel {k}) must divide both in_chs={in_chs} and the '
-                f'branch width out_chs / {num_branches} = {branch_chs}; choose a group count that divides both.')
+                f'{where}: groups={g} (kernel {k}) must divide both in_chs={in_chs} and the branch width '
+                f'out_chs / {num_branches} = {branch_chs}; choose a group count that divides both.')
+    return in_chs, out_chs, stride, dilation, kernel_sizes, groups
 
 
 class PyramidSqueezeAttention(nn.Module):
@@ -155,13 +203,14 @@ class PyramidSqueezeAttention(nn.Module):
     Parameter names (``conv_1`` ... ``conv_S``, ``se.fc1``, ``se.fc2``) match the official
     ``PSAModule`` so its state dicts load strictly.
 
-    A drop-in for a 3x3 convolution in any network (``in_chs`` -> ``out_chs`` at ``stride``); it
-    traces with torch.fx and timm's feature extraction.
+    A drop-in for a 3x3 convolution in any network (``in_chs`` -> ``out_chs`` at ``stride``) on
+    batched input, (N, ``in_chs``, H, W); it traces with torch.fx and timm's feature extraction.
+    Arguments and input are checked, with one-line errors, before a convolution would fail.
 
     Args:
         in_chs: Input channels; every branch convolves all of them.
         out_chs: Output channels, split evenly between the branches.
-        stride: Stride of every branch.
+        stride: Stride of every branch, one int (both sides alike).
         dilation: Dilation of every branch (padding keeps the output centred).
         kernel_sizes: Kernel size of each branch, odd; one branch per entry.
         groups: Group count of each branch; each must divide ``in_chs`` and ``out_chs / len(kernel_sizes)``.
@@ -187,7 +236,9 @@ class PyramidSqueezeAttention(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        _check_psa_args(in_chs, out_chs, kernel_sizes, groups, stride, dilation)
+        in_chs, out_chs, stride, dilation, kernel_sizes, groups = _psa_args(
+            in_chs, out_chs, stride, dilation, kernel_sizes, groups)
+        self.in_chs = in_chs
         self.num_branches = len(kernel_sizes)
         self.branch_chs = out_chs // self.num_branches
         for i, (k, g) in enumerate(zip(kernel_sizes, groups)):
@@ -206,6 +257,7 @@ class PyramidSqueezeAttention(nn.Module):
         self.se = SEWeight(self.branch_chs, reduction=reduction, act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _checked_input(x, self.in_chs)
         branches: List[torch.Tensor] = []
         for name, module in self.named_children():
             if name.startswith('conv_'):

@@ -17,6 +17,7 @@ Variants:
       table's parameter counts (27.90M / 49.59M) are not reached by any configuration the paper
       describes, see README.
 """
+import inspect
 import math
 from typing import Any, Dict, Optional, Type
 
@@ -29,11 +30,13 @@ from timm.models import (
     build_model_with_cfg, clean_state_dict, generate_default_cfgs, list_models, register_model, split_model_name_tag)
 from timm.models.resnet import ResNet
 
-from ..hub.checkpoint import check_fits
+from ..arguments import whole_number, whole_numbers
+from ..escaping import first_line
+from ..hub.checkpoint import check_weights
 from ..hub.repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
-__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_model_args', 'check_model_name']
+__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_config_model_args', 'check_model_args', 'check_model_name']
 
 # Small is the PSA layer's default schedule; Large keeps its kernels with 32 groups per branch.
 LARGE_PSA = dict(groups=(32, 32, 32, 32))
@@ -134,22 +137,24 @@ class EPSABottleneck(nn.Module):
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Accept checkpoints written by the official ``main.py`` as well as plain state dicts, and refuse
-    one for another architecture with the tensors that differ.
+    one for another architecture with the tensors that differ, or one whose values the model would
+    take silently wrong (:func:`timm_epsa.hub.checkpoint.check_weights`, as ``convert`` checks them).
 
     The official script saves ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` with keys
     prefixed ``module.`` by DataParallel; its parameter names are otherwise ours. The check runs
     here, before timm adapts the classifier and input conv, because timm loads non-strictly whenever
     it drops the classifier (``num_classes`` changed, ``features_only``) and would then leave a
-    foreign backbone silently half-loaded. The check is of the backbone: the classifier is left out
-    (timm drops it, or its strict load names one of another size; this filter cannot tell which,
-    it does not see ``features_only``), and so is the input conv's shape, which timm adapts.
+    foreign backbone silently half-loaded. The names and shapes checked are the backbone's: the
+    classifier is left out (timm drops it, or its strict load names one of another size; this filter
+    cannot tell which, it does not see ``features_only``), and so is the input conv's shape, which
+    timm adapts; the kinds and values of every tensor the model has are checked.
     """
     state_dict = clean_state_dict(state_dict.get('state_dict', state_dict))
     cfg = model.pretrained_cfg
-    check_fits(
+    check_weights(
         state_dict,
         model,
-        what='the checkpoint',
+        what=_weights_origin(cfg),
         architecture=cfg.get('architecture', type(model).__name__),
         skip_keys=(f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias"),
         skip_shapes=(f"{cfg.get('first_conv')}.weight",),
@@ -157,22 +162,81 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     return state_dict
 
 
+def _weights_origin(cfg: Dict[str, Any]) -> str:
+    """The weights a pretrained load reads, in the order timm picks them (a state dict given, then a
+    file or folder, then a Hub repo), for its errors."""
+    if cfg.get('state_dict') is None and (cfg.get('file') or cfg.get('hf_hub_id')):
+        return str(cfg.get('file') or cfg['hf_hub_id'])
+    return 'the checkpoint'
+
+
 def check_model_args(model_name: str, model_args: Dict[str, Any], where: str) -> None:
-    """Refuse a ``block`` or ``act_layer`` EPSANet cannot be built with, before timm fails on it deep
-    inside ResNet: from a config.json they can only be names, and ``block`` cannot be one."""
+    """Refuse an argument of timm's ResNet that EPSANet cannot be built with, before timm fails on it
+    deep inside ResNet (a bare AssertionError for an ``output_stride`` of 7) or builds something else
+    than asked without a word (three stages for ``layers=(1, 1, 1)``, no classifier for
+    ``num_classes=-1``). From a config.json ``block`` and ``act_layer`` can only be names, and
+    ``block`` cannot be one."""
     block = model_args.get('block')
     if block is not None and not (isinstance(block, type) and issubclass(block, nn.Module)):
         raise ValueError(
             f"{where}: block={block!r} is not a block class; {model_name} is built of EPSABottleneck blocks, "
             f"remove 'block'")
-    act_layer = model_args.get('act_layer')
+    _check_act_layer(model_args.get('act_layer'), where)
+    for name, minimum in (('num_classes', 0), ('in_chans', 1)):
+        if model_args.get(name) is not None:
+            whole_number(model_args[name], name, where, minimum=minimum)
+    layers = model_args.get('layers')
+    if layers is not None and len(whole_numbers(layers, 'layers', where, each='the blocks of each stage')) != 4:
+        raise ValueError(
+            f'{where}: layers={tuple(layers)} must give the blocks of each of the 4 stages, e.g. (3, 4, 6, 3).')
+    output_stride = model_args.get('output_stride')
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        raise ValueError(
+            f"{where}: output_stride={output_stride!r} is not one of {', '.join(map(str, OUTPUT_STRIDES))}, the "
+            f"strides ResNet can dilate its last stages to.")
+
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def _check_act_layer(act_layer: Any, where: str) -> None:
+    """An ``act_layer`` as timm's ResNet uses it: a name timm knows, or a class built as
+    ``act_layer(inplace=True)``."""
+    if act_layer is None:
+        return
+    fix = "use a name timm.layers.get_act_layer accepts, e.g. 'relu', 'silu' or 'gelu'"
+    try:
+        act_class = get_act_layer(act_layer)
+    except KeyError:
+        raise ValueError(f'{where}: act_layer={act_layer!r} is not an activation timm knows; {fix}') from None
     if isinstance(act_layer, str):
-        try:
-            get_act_layer(act_layer)
-        except KeyError:
-            raise ValueError(
-                f"{where}: act_layer={act_layer!r} is not an activation timm knows; use a name "
-                f"timm.layers.get_act_layer accepts, e.g. 'relu', 'silu' or 'gelu'") from None
+        return
+    try:
+        built = act_class(inplace=True)
+    except TypeError as e:
+        built = e
+    if not isinstance(built, nn.Module):
+        raise TypeError(
+            f'{where}: act_layer={act_layer!r} does not build an activation module as ResNet builds it, '
+            f'act_layer(inplace=True) ({first_line(built) if isinstance(built, TypeError) else type(built).__name__}); '
+            f'{fix} (timm\'s own classes take inplace)')
+
+
+# What an EPSANet is built from: timm's ResNet arguments, and the PSA schedule (see _create_epsanet).
+CONSTRUCTOR_ARGS = frozenset(inspect.signature(ResNet.__init__).parameters) - {'self'} | {'psa_kwargs'}
+
+
+def check_config_model_args(model_name: str, model_args: Dict[str, Any], where: str) -> None:
+    """:func:`check_model_args` for the ``model_args`` of a config.json, which timm hands to the model as
+    they are: each must also be one of :data:`CONSTRUCTOR_ARGS` (ResNet would fail on another in a traceback)."""
+    unknown = sorted(set(model_args) - CONSTRUCTOR_ARGS)
+    if unknown:
+        names = ', '.join(map(repr, unknown))
+        raise ValueError(
+            f"{where}: {names} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} {model_name} "
+            f"takes (timm's ResNet arguments and psa_kwargs are); remove {'it' if len(unknown) == 1 else 'them'} "
+            f"from config.json")
+    check_model_args(model_name, model_args, where)
 
 
 def _create_epsanet(
@@ -211,6 +275,8 @@ MODEL_NAMES = ('epsanet50', 'epsanet101', 'epsanet50_large', 'epsanet101_large')
 def check_model_name(value: str) -> str:
     """``value`` if it is a variant's name or ``<name>.<tag>`` with one of its tags; otherwise a
     ValueError naming the choices (timm's own error for a bad tag is a RuntimeError deep in a build)."""
+    if not isinstance(value, str):
+        raise TypeError(f"model_name={value!r} is not a model name; choose from {', '.join(MODEL_NAMES)}")
     name, tag = split_model_name_tag(value)
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
