@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -24,11 +23,6 @@ pytest_plugins = ['hub_stub']  # fixture: single_thread
 pytestmark = pytest.mark.usefixtures('single_thread', 'untimed_tuning')
 
 IMAGES = MIN_CALIBRATION + MIN_HELD_OUT
-
-
-def tiny_epsanet() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model('epsanet50', layers=(1, 1, 1, 1), num_classes=10).eval()
 
 
 def psa_net() -> nn.Module:
@@ -61,14 +55,14 @@ def test_int8_export_is_quantized_and_agrees_with_fp32(runtime, name, images, tm
     pytest.importorskip(runtime)
     if runtime == 'openvino':
         pytest.importorskip('nncf')
-    model = tiny_epsanet()
-    report = export_model(model, tmp_path / name, runtime, img_size=64, precision='int8', calibration=images)
+    model = psa_net()
+    report = export_model(model, tmp_path / name, runtime, img_size=16, precision='int8', calibration=images)
     assert report.precision == 'int8' and report.held_out == MIN_HELD_OUT
     assert report.agreement >= graph_export.MIN_AGREEMENT and report.max_error <= 1e-4  # fp32 graph, then int8
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in report.files)  # no fp32 left
     text = (tmp_path / name).read_bytes()
     assert (b'QuantizeLinear' if runtime == 'onnxruntime' else b'FakeQuantize') in text
-    x = torch.randn(5, 3, 64, 64)  # a batch size the check did not use
+    x = torch.randn(5, 3, 16, 16)  # a batch size the check did not use
     with torch.no_grad():
         expected = model(x)
     actual = torch.from_numpy(load_runner(runtime, tmp_path / name, precision='int8')(x.numpy()))
@@ -78,7 +72,7 @@ def test_int8_export_is_quantized_and_agrees_with_fp32(runtime, name, images, tm
 @pytest.mark.slow
 def test_bf16_export_is_checked_in_fp32_and_in_bf16(tmp_path):
     pytest.importorskip('openvino')
-    report = export_model(tiny_epsanet(), tmp_path / 'm.xml', 'openvino', img_size=64, precision='bf16')
+    report = export_model(psa_net(), tmp_path / 'm.xml', 'openvino', img_size=16, precision='bf16')
     assert report.max_error <= 1e-4 and 0 < report.precision_error <= graph_export.BF16_TOLERANCE
     assert report.runs_in in ('bf16', 'f32')  # f32 where the CPU has no bf16 instructions
     assert b'bf16' not in (tmp_path / 'm.xml').read_bytes()  # the weights stay fp32

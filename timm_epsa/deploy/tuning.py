@@ -242,12 +242,15 @@ class CandidateBank(nn.Module):
 
 def _interleaved_seconds(runs: Dict[str, Callable[[np.ndarray], object]], shape: BranchShape,
                          batches: Sequence[int]) -> Timings:
-    """Median seconds per call of each candidate at each batch size, timed in turn round after round
-    (each call after an untimed one, which settles the previous candidate's threads), so that a change
-    in the machine's speed meets every candidate alike. Before each timed call the CPU's private
-    caches are filled with other data: in a network a branch's weights come from the shared cache
-    after the layers before it ran, and a candidate whose weights only fit a private cache when it
-    runs alone (block-diagonal weights are larger) would look faster than it is. A candidate over
+    """Seconds of the fastest timed call of each candidate at each batch size, timed in turn round after
+    round (each call after an untimed one, which settles the previous candidate's threads), so that a
+    change in the machine's speed meets every candidate alike. The fastest, not the median: on a shared
+    core other processes' time slices land inside calls and only add to them (measured: medians at
+    batch 1 of 9-10 ms, about what the same candidates took at batch 8), so the fastest call is the
+    nearest to the candidate's own time. Before each timed call the CPU's private caches are filled
+    with other data: in a network a branch's weights come from the shared cache after the layers
+    before it ran, and a candidate whose weights only fit a private cache when it runs alone
+    (block-diagonal weights are larger) would look faster than it is. A candidate over
     :data:`GIVE_UP` times the fastest after three rounds cannot win and is not timed again."""
     seconds: Timings = {label: {} for label in runs}
     other_data = np.ones(EVICT_BYTES // 8)
@@ -256,7 +259,7 @@ def _interleaved_seconds(runs: Dict[str, Callable[[np.ndarray], object]], shape:
         times: Dict[str, List[float]] = {label: [] for label in runs}
         for _ in range(ROUNDS):
             for label, run in runs.items():
-                if len(times[label]) >= 3 and np.median(times[label]) > GIVE_UP * min(map(np.median, times.values())):
+                if len(times[label]) >= 3 and min(times[label]) > GIVE_UP * min(map(min, filter(None, times.values()))):
                     continue
                 run(x)
                 other_data *= 1.0
@@ -264,7 +267,7 @@ def _interleaved_seconds(runs: Dict[str, Callable[[np.ndarray], object]], shape:
                 run(x)
                 times[label].append(time.perf_counter() - begin)
         for label, measured in times.items():
-            seconds[label][batch] = float(np.median(measured))
+            seconds[label][batch] = min(measured)
     return seconds
 
 
