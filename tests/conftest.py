@@ -28,3 +28,24 @@ def hide_package(monkeypatch):
             return real_import(name, *args)
         monkeypatch.setattr(importlib, 'import_module', import_module)
     return hide
+
+
+@pytest.fixture
+def untimed_tuning(monkeypatch, tmp_path_factory):
+    """Exports tune into a cache of the test's own, never the user's, and time nothing: every
+    candidate form takes twice as long as the fixed rules' choice, which the tuner then picks (the
+    tuner itself is tested in test_tuning.py)."""
+    from timm_epsa.deploy import form_cache, graph_export, tuning
+    from timm_epsa.deploy.forms import branch_form
+
+    def rules_first(model, runtime, precision, *args, **kwargs):
+        def measure(shapes):
+            for shape in shapes:
+                rule = tuning.form_label(branch_form(runtime, shape.conv(), precision))
+                yield shape, {tuning.form_label(form): {1: 1.0 if tuning.form_label(form) == rule else 2.0}
+                              for form in tuning.candidate_forms(shape.groups)}
+        return tuning.choose_forms(model, runtime, precision, *args, measure=measure, **kwargs)
+
+    cache = tmp_path_factory.mktemp('cache') / form_cache.CACHE_NAME
+    monkeypatch.setattr(form_cache, 'default_cache_path', lambda: cache)
+    monkeypatch.setattr(graph_export, 'choose_forms', rules_first)

@@ -14,7 +14,11 @@ from timm_epsa.deploy import (
     DEPLOY_EXTRA, RUNTIMES, TOLERANCE, BranchForm, ExportCheckError, ExportError, MissingRuntimeError, PSAGraph,
     branch_form, export_model, load_runner, require_runtime, rewrite_for_runtime)
 from timm_epsa.deploy import graph_export as export_module
+from timm_epsa.deploy.rewrite import rewrite_psa
+from timm_epsa.deploy.tracing import TRACE_BATCH
 from timm_epsa.layers import PyramidSqueezeAttention
+
+pytestmark = pytest.mark.usefixtures('untimed_tuning')
 
 EXACT = 1e-12  # float64: only summation order differs
 
@@ -118,10 +122,10 @@ def test_block_with_another_norm_keeps_order_and_norm():
         assert_relative_close(graph(x), model(x), rel=EXACT)
 
 
-def branch_forms(runtime: str, variant: str):
+def branch_forms(runtime: str, variant: str, precision: str = 'fp32'):
     model = timm.create_model(variant, device='meta')
     return {
-        (stage, conv.kernel_size[0]): branch_form(runtime, conv)
+        (stage, conv.kernel_size[0]): branch_form(runtime, conv, precision)
         for stage in range(1, 5)
         for name, conv in getattr(model, f'layer{stage}')[1].conv2.named_children() if name.startswith('conv_')
     }
@@ -144,6 +148,21 @@ def test_openvino_forms_follow_the_measured_throughputs():
     assert forms[3, 5] == forms[4, 7] == BranchForm()
 
 
+@pytest.mark.parametrize('runtime, precision', [('openvino', 'bf16'), ('openvino', 'int8'), ('onnxruntime', 'int8')])
+def test_bf16_and_int8_rules_make_groups_of_16_outputs(runtime, precision):
+    forms = branch_forms(runtime, 'epsanet50', precision)
+    assert all(form == BranchForm() for (stage, kernel), form in forms.items() if kernel == 3)
+    # stage 1: 16 outputs per branch, so one group; stage 2: 32, two groups; stage 4: kept, or groups of 16
+    assert forms[1, 5] == forms[1, 7] == BranchForm(groups=1)
+    assert forms[2, 5] == forms[2, 7] == BranchForm(groups=2) and forms[3, 7] == forms[3, 9] == BranchForm(groups=4)
+    assert forms[3, 5] == forms[4, 5] == forms[4, 7] == BranchForm() and forms[4, 9] == BranchForm(groups=8)
+    # ONNX Runtime's int8 depthwise kernel beats a 9x9 of one or two outputs per group made dense
+    nine = BranchForm(depthwise=True, sums_as_conv=True) if runtime == 'onnxruntime' else None
+    assert forms[1, 9] == (nine or BranchForm(groups=1)) and forms[2, 9] == (nine or BranchForm(groups=2))
+    with pytest.raises(ValueError, match='no bf16 rule'):
+        branch_form('onnxruntime', nn.Conv2d(8, 8, 3, groups=4), 'bf16')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('runtime, name', [('onnxruntime', 'model.onnx'), ('openvino', 'model.xml')])
 def test_export_round_trip_with_dynamic_batch(runtime, name, tmp_path):
@@ -151,7 +170,7 @@ def test_export_round_trip_with_dynamic_batch(runtime, name, tmp_path):
     model = tiny(num_classes=10)
     report = export_model(model, tmp_path / name, runtime, img_size=64)
     assert report.batch_size is None and report.max_error <= 1e-4
-    assert export_module.TRACE_BATCH not in report.checked_batch_sizes
+    assert TRACE_BATCH not in report.checked_batch_sizes
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in report.files)
     run = load_runner(runtime, tmp_path / name)
     x = torch.randn(5, 3, 64, 64)  # yet another batch size
@@ -177,12 +196,12 @@ def test_failed_check_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     pytest.importorskip('onnxruntime')
     net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()
 
-    def broken_rewrite(model, runtime):
-        graph = rewrite_for_runtime(model, runtime)
+    def broken_rewrite(model, form_of):
+        graph = rewrite_psa(model, form_of)
         graph[1].branches[-1].weight.data.mul_(1.01)  # the 3x3 branch off by 1%: the check must catch it
         return graph
 
-    monkeypatch.setattr(export_module, 'rewrite_for_runtime', broken_rewrite)
+    monkeypatch.setattr(export_module, 'rewrite_psa', broken_rewrite)
     with pytest.raises(ExportCheckError) as error:
         export_model(net, tmp_path / 'psa.onnx', 'onnxruntime', img_size=16)
     assert '\n' not in str(error.value) and 'differs from eager PyTorch' in str(error.value)
@@ -217,15 +236,15 @@ def test_a_wrong_branch_cannot_hide_under_a_dominant_logit(tmp_path, monkeypatch
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 100)).eval()
     net[-1].bias.data[7] = 1e7
 
-    def broken_rewrite(model, runtime):
-        graph = rewrite_for_runtime(model, runtime)
+    def broken_rewrite(model, form_of):
+        graph = rewrite_psa(model, form_of)
         graph[1].branches[-1].weight.data.mul_(1.5)
         return graph
 
-    monkeypatch.setattr(export_module, 'rewrite_for_runtime', broken_rewrite)
+    monkeypatch.setattr(export_module, 'rewrite_psa', broken_rewrite)
     with pytest.raises(ExportCheckError, match="onnxruntime output differs from eager PyTorch by .* of the outputs' "
                                                "spread at batch 1, more than 1e-04: export removed"):
-        export_model(net, tmp_path / 'net.onnx', 'onnxruntime', img_size=16)
+        export_model(net, tmp_path / 'net.onnx', 'onnxruntime', img_size=16, tune=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -238,16 +257,16 @@ def test_outputs_equal_for_every_input_are_checked_on_the_features_before_them(t
     nn.init.zeros_(model.fc.weight)
     nn.init.zeros_(model.fc.bias)
 
-    def broken_rewrite(graph_model, runtime):
-        graph = rewrite_for_runtime(graph_model, runtime)
+    def broken_rewrite(graph_model, form_of):
+        graph = rewrite_psa(graph_model, form_of)
         graph.layer4[0].conv3.weight.data.mul_(1.01)  # a layer before the classifier off by 1%
         return graph
 
-    monkeypatch.setattr(export_module, 'rewrite_for_runtime', broken_rewrite)
+    monkeypatch.setattr(export_module, 'rewrite_psa', broken_rewrite)
     with pytest.raises(ExportCheckError, match=r"^onnxruntime output differs from eager PyTorch by .* more than "
                                                r"1e-04: export removed \(checked on the features before the "
                                                r"classifier: the outputs are the same for every input\)$"):
-        export_model(model, tmp_path / 'model.onnx', 'onnxruntime', img_size=64)
+        export_model(model, tmp_path / 'model.onnx', 'onnxruntime', img_size=64, tune=False)
     assert list(tmp_path.iterdir()) == []
 
 

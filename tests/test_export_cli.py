@@ -14,12 +14,13 @@ from timm.models import save_for_hf
 
 from cli_run import assert_one_line_error, run_cli
 from numerics import assert_relative_close
-from timm_epsa.deploy import DEPLOY_EXTRA, load_runner, rewrite_for_runtime
+from timm_epsa.deploy import DEPLOY_EXTRA, load_runner
 from timm_epsa.deploy import export as export_cli
 from timm_epsa.deploy import graph_export as deploy_export
+from timm_epsa.deploy.rewrite import rewrite_psa
 
 pytest_plugins = ['hub_stub']  # fixture: converted (a train.py checkpoint of epsanet50 and its Hub folder)
-pytestmark = pytest.mark.usefixtures('single_thread')
+pytestmark = pytest.mark.usefixtures('single_thread', 'untimed_tuning')
 
 
 def assert_runs_like(runtime, path, model, batch_size, img_size=64):
@@ -60,12 +61,12 @@ def test_checkpoint_to_openvino_with_fixed_batch(converted, tmp_path, capsys):
 def test_failed_check_leaves_the_old_file(tmp_path, capsys, monkeypatch):
     pytest.importorskip('onnxruntime')
 
-    def broken_rewrite(model, runtime):
-        graph = rewrite_for_runtime(model, runtime)
+    def broken_rewrite(model, form_of):
+        graph = rewrite_psa(model, form_of)
         next(graph.layer1[0].conv2.branches[0].buffers()).mul_(1.5)  # one branch's weights off by half
         return graph
 
-    monkeypatch.setattr(deploy_export, 'rewrite_for_runtime', broken_rewrite)
+    monkeypatch.setattr(deploy_export, 'rewrite_psa', broken_rewrite)
     tiny = timm.create_model('epsanet50', layers=(1, 1, 1, 1)).eval()  # the wiring is the point, not the size
     monkeypatch.setattr(export_cli, 'model_from_source', lambda *args: (tiny, 'epsanet50', 'random weights'))
     out = tmp_path / 'model.onnx'

@@ -26,7 +26,10 @@ from timm.models import get_pretrained_cfg, list_models, split_model_name_tag
 from . import __version__
 from .deploy import RUNTIMES, ExportError
 from .deploy.export import OPENVINO_FILES, export
+from .deploy.graph_export import ExportReport
 from .deploy.forms import OPENVINO
+from .deploy.precision import BF16, FP32, INT8, PRECISIONS
+from .deploy.runtimes import default_precision
 from .escaping import one_line, shell_command
 from .hub import PretrainedWeightsError, cached_weights
 from .hub.cards import render_model_card
@@ -304,6 +307,16 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--ignore-train-args', action='store_true',
                         help="for a checkpoint SOURCE: leave out the training arguments a timm train.py checkpoint "
                              "records (the input size then is the model's default)")
+    parser.add_argument('--precision', choices=PRECISIONS, default=FP32,
+                        help='what the file is tuned and checked for (default: fp32): bf16 for openvino (compile it '
+                             'with INFERENCE_PRECISION_HINT bf16), int8 for both (needs --calibration)')
+    parser.add_argument('--calibration', type=_path, metavar='DIR',
+                        help='for int8: images like those the model will see (an ImageFolder tree or a flat folder, '
+                             'at least 150), preprocessed as the model\'s eval transform; some are held out to check '
+                             'the int8 model\'s predictions against fp32')
+    parser.add_argument('--no-tune', dest='tune', action='store_false',
+                        help='take the fixed PSA branch forms instead of timing them on this machine (the timings '
+                             'are cached, so only the first export per machine, runtime and precision takes long)')
     parser.add_argument('--force', action='store_true', help='replace an existing OUT, once the new one is checked')
     parser.set_defaults(run=_export)
 
@@ -312,7 +325,8 @@ def _export(args: argparse.Namespace) -> None:
     result = export(
         args.source, args.out, args.runtime,
         batch_size=args.batch_size, img_size=args.img_size, model_name=args.model, ema=args.ema,
-        ignore_train_args=args.ignore_train_args, force=args.force, log=_log,
+        ignore_train_args=args.ignore_train_args, force=args.force, log=_log, precision=args.precision,
+        calibration=args.calibration, tune=args.tune,
     )
     report = result.report
     files = ' and '.join(f'{result.path}/{name}' for name in OPENVINO_FILES) if report.runtime == OPENVINO \
@@ -324,6 +338,25 @@ def _export(args: argparse.Namespace) -> None:
     _say(f"wrote {files}: {result.model_name} ({result.source}) for {report.runtime}, input "
          f"{'x'.join(map(str, report.input_size))}, {batch}; checked at batch {checked}, largest difference from "
          f"eager PyTorch {report.max_error:.1e} of {compared}")
+    _say(_runs_as(report))
+
+
+def _runs_as(report: ExportReport) -> str:
+    """The precision the runtime will run the file in, and what to pass for it."""
+    forms = 'PSA branch forms ' + ('timed on this CPU' if report.tuned else 'from the fixed rules')
+    if report.precision == INT8:
+        return (f'int8 ({report.runs_in}): top-1 class as eager fp32 for {report.agreement:.1%} of {report.held_out} '
+                f'held-out images; {forms}')
+    if report.precision == BF16:
+        return (f"bf16: compile it with {{'INFERENCE_PRECISION_HINT': 'bf16'}} (OpenVINO ran it in {report.runs_in} "
+                f"here, largest difference from eager fp32 {report.precision_error:.1e} of the outputs' spread); "
+                f"{forms}")
+    if report.runtime == OPENVINO:
+        default = default_precision(OPENVINO)
+        return ("fp32: compile it with {'INFERENCE_PRECISION_HINT': 'f32'}" + (
+            f"; OpenVINO's default on this CPU is {default} (export --precision bf16 for that)" if default != 'f32'
+            else '') + f'; {forms}')
+    return f'fp32; {forms}'
 
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [

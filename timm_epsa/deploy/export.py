@@ -25,8 +25,10 @@ from ..hub.folder import check_config_json
 from ..models.epsanet import MODEL_NAMES, check_model_name
 from ..staging import destination_path, staged_file, staged_folder
 from .forms import OPENVINO
-from .graph_export import CHECK_BATCHES, TRACE_BATCH, ExportReport, export_model
-from .runtimes import require_runtime
+from .graph_export import CHECK_BATCHES, ExportReport, export_model
+from .precision import FP32
+from .runtimes import check_precision, require_runtime
+from .tracing import TRACE_BATCH
 
 __all__ = ['OPENVINO_FILES', 'ExportedModel', 'export', 'model_from_source']
 
@@ -57,12 +59,17 @@ def export(
         ignore_train_args: bool = False,
         force: bool = False,
         log: Optional[Callable[[str], None]] = None,
+        precision: str = FP32,
+        calibration: Optional[Union[str, Path]] = None,
+        tune: bool = True,
 ) -> ExportedModel:
     """Export ``source`` (see :func:`model_from_source`, which takes ``model_name``, ``ema`` and
     ``ignore_train_args``) for ``runtime`` to ``out``, checked before it appears there; ``force``
     replaces an existing ``out``. ``batch_size`` fixes the batch (dynamic otherwise), ``img_size`` the
-    image side (the model's pretrained cfg otherwise)."""
-    require_runtime(runtime)  # before any work: the one thing a fresh install is likely to lack
+    image side (the model's pretrained cfg otherwise); ``precision``, ``calibration`` and ``tune`` as
+    :func:`timm_epsa.deploy.export_model` takes them."""
+    check_precision(runtime, precision, calibration)
+    require_runtime(runtime, precision)  # before any work: the one thing a fresh install is likely to lack
     progress = log or (lambda message: None)
     out = Path(out)
     if out.name in ('.onnx', '.xml', '.bin'):  # a hidden file's name, not a suffix
@@ -82,9 +89,10 @@ def export(
     with staged as staging:
         model, name, described = model_from_source(source, model_name, ema, ignore_train_args, progress)
         _check_input_fits(model, img_size, batch_size)
-        progress(f'exporting {name} ({described}) for {runtime} and checking it against eager PyTorch')
+        progress(f'exporting {name} ({described}) for {runtime} in {precision} and checking it against eager PyTorch')
         target = staging / OPENVINO_FILES[0] if runtime == OPENVINO else staging
-        report = export_model(model, target, runtime, batch_size=batch_size, img_size=img_size)
+        report = export_model(model, target, runtime, batch_size=batch_size, img_size=img_size, precision=precision,
+                              calibration=calibration, tune=tune, log=progress)
     return ExportedModel(path=out, model_name=name, source=described, report=report)
 
 

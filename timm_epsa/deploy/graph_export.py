@@ -1,41 +1,56 @@
 """Export a model to ONNX Runtime or OpenVINO in the graph form measured fastest there, and check it.
 
-The PSA layers are rewritten first (:func:`timm_epsa.deploy.rewrite.rewrite_for_runtime`); the
-graph is traced with ``torch.onnx.export`` (dynamo), at batch 2 when the batch is dynamic, because
-``torch.export`` specialises a traced size of 1. OpenVINO IR is converted from that graph and
-saved in fp32 (``openvino.save_model`` would otherwise compress the weights to fp16). Nothing is
-reported done before the runtime has run the written files on a real-sized input and matched the
-eager fp32 model within ``TOLERANCE`` as :func:`output_error` measures it; a file that fails is removed.
+The PSA layers are rewritten first (:func:`timm_epsa.deploy.rewrite.rewrite_psa`) with each
+branch in the form tuned on this machine for the runtime and precision
+(:func:`timm_epsa.deploy.tuning.choose_forms`) or, with ``tune=False``, the fixed rules of
+:mod:`timm_epsa.deploy.forms`; the graph is traced with ``torch.onnx.export`` (dynamo), at batch 2
+when the batch is dynamic, because ``torch.export`` specialises a traced size of 1. OpenVINO IR is
+converted from that graph and saved in fp32 (``openvino.save_model`` would otherwise compress the
+weights to fp16). Nothing is reported done before the runtime has run the written files on a
+real-sized input and matched the eager fp32 model within ``TOLERANCE`` in fp32 as
+:func:`output_error` measures it; then, for bf16,
+run in bf16 within ``BF16_TOLERANCE``; for int8, quantized on calibration images and agreeing with
+eager fp32's top-1 class on held-out images at least ``MIN_AGREEMENT`` of the time. Where the
+model's outputs are the same for every input, the layers before its classifier are exported and
+checked as well (equal outputs show nothing of them). A file that fails is removed.
 """
 import copy
-import logging
 import tempfile
-import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
 from ..escaping import first_line
-from .forms import ONNXRUNTIME, OPENVINO
-from .rewrite import rewrite_for_runtime
-from .runtimes import ExportError, load_runner, require_runtime
+from .calibration import CalibrationImages, calibration_images
+from .forms import ONNXRUNTIME, OPENVINO, branch_form
+from .precision import BF16, FP32, INT8
+from .quantization import quantize, top1_agreement
+from .rewrite import FormOf, rewrite_psa
+from .runtimes import ExportError, check_precision, load_runner, require_runtime
+from .tracing import BATCH_DIM, TRACE_BATCH, export_onnx
+from .tuning import choose_forms
 
-__all__ = ['ExportCheckError', 'ExportReport', 'TOLERANCE', 'export_model', 'output_error']
+__all__ = ['BF16_TOLERANCE', 'ExportCheckError', 'ExportReport', 'MIN_AGREEMENT', 'TOLERANCE', 'export_model',
+           'output_error']
 
 # Largest output_error of an fp32 export: exact forms differ from eager fp32 by 2e-6 to 5e-6 (epsanet50
 # and layers=(1, 1, 1, 1), 64-224 px, ONNX Runtime and OpenVINO), one PSA branch 50% off by 0.19.
 TOLERANCE = 1e-4
-TRACE_BATCH = 2
+# output_error of the file run in bf16 by OpenVINO, on the check's random input: 3.5x the largest measured
+# (1.9e-2 to 2.9e-2: the quickstart digits model, epsanet50 with layers=(1, 1, 1, 1) at 64 px, epsanet50 at 224 px).
+BF16_TOLERANCE = 0.1
+MIN_AGREEMENT = 0.95  # of int8's top-1 classes with eager fp32's on the held-out images
 CHECK_BATCHES = (1, 3)  # a dynamic batch is checked at sizes other than the traced one
 
 
 class ExportCheckError(ExportError):
-    """The runtime's output on the exported file differs from eager PyTorch by more than ``TOLERANCE``."""
+    """The exported file failed its check: its outputs differ from eager PyTorch by more than the tolerance, or
+    its int8 top-1 classes agree with fp32's too rarely."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,13 @@ class ExportReport:
     input_size: Tuple[int, int, int]
     batch_size: Optional[int]  # None: any batch size
     checked_batch_sizes: Tuple[int, ...]
-    max_error: float  # the largest output_error
+    max_error: float  # the largest output_error, the file run in fp32
+    precision: str = FP32
+    runs_in: str = 'f32'  # what the runtime ran the file in for the precision's check
+    precision_error: Optional[float] = None  # bf16: as max_error, the file run in bf16
+    agreement: Optional[float] = None  # int8: share of held-out images with fp32's top-1 class
+    held_out: int = 0  # int8: images the agreement was measured on
+    tuned: bool = True  # PSA branch forms timed on this machine (False: the fixed rules)
     # The outputs were the same for every input (a classifier of zero weights), which no wrong graph
     # before the classifier can change: max_error is then that of the features the classifier reads.
     features_checked: bool = False
@@ -57,14 +78,25 @@ def export_model(
         runtime: str,
         batch_size: Optional[int] = None,
         img_size: Optional[int] = None,
+        precision: str = FP32,
+        calibration: Optional[Union[str, Path]] = None,
+        tune: bool = True,
+        forms: Optional[FormOf] = None,
+        min_agreement: float = MIN_AGREEMENT,
+        log: Callable[[str], None] = lambda message: None,
 ) -> ExportReport:
     """Write ``model`` for ``runtime`` at ``out``: an ONNX file for ``onnxruntime``; for ``openvino``
     IR at ``out`` (``.xml``) and its weights beside it (``.bin``). ``model`` is left untouched.
 
     The batch size is dynamic unless ``batch_size`` is given; ``img_size`` defaults to the model's
-    pretrained cfg (224 without one).
+    pretrained cfg (224 without one). ``precision`` is what the file is tuned and checked for
+    (:mod:`timm_epsa.deploy.precision`); int8 needs ``calibration``, a folder of images
+    (:mod:`timm_epsa.deploy.calibration`) and a top-1 agreement with fp32 of ``min_agreement`` on
+    the held-out images. ``tune=False`` takes the fixed rules instead of timing the PSA branch forms
+    on this machine; ``forms(name, conv)`` gives each branch's form instead of either.
     """
-    require_runtime(runtime)
+    check_precision(runtime, precision, calibration)
+    require_runtime(runtime, precision)
     out = Path(out)
     if runtime == OPENVINO and out.suffix != '.xml':
         raise ExportError(f'{out}: OpenVINO IR is written as <name>.xml and <name>.bin; give a path ending in .xml')
@@ -72,30 +104,43 @@ def export_model(
         raise ValueError(f'batch_size={batch_size} must be at least 1')
     input_size = _input_size(model, img_size)
     reference = copy.deepcopy(model).float().cpu().eval()
-    graph = rewrite_for_runtime(reference, runtime)
+    images = calibration_images(calibration, reference, input_size) if precision == INT8 else None
+    tuned = forms is None and tune
+    if tuned:
+        chosen = choose_forms(reference, runtime, precision, input_size, batch_size, log=log)
+        forms = lambda name, conv: chosen[name]  # noqa: E731
+    forms = forms or (lambda name, conv: branch_form(runtime, conv, precision))
+    graph = rewrite_psa(reference, forms)
     files = (out,) if runtime == ONNXRUNTIME else (out, out.with_suffix('.bin'))
+    checked = (batch_size,) if batch_size else CHECK_BATCHES
     try:
-        if runtime == ONNXRUNTIME:
-            _export_onnx(graph, out, input_size, batch_size)
-        else:
-            _export_openvino(graph, out, input_size, batch_size)
-        checked = (batch_size,) if batch_size else CHECK_BATCHES
-        errors, constant = zip(*(_check(reference, runtime, out, (batch, *input_size)) for batch in checked))
-        if all(constant):
-            return replace(_check_features(reference, out, runtime, batch_size, img_size), files=files)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix='.fp32-') if precision == INT8 else nullcontext() as tmp:
+            fp32_path = Path(tmp) / out.name if tmp else out  # int8: quantized from there to out
+            if runtime == ONNXRUNTIME:
+                _export_onnx(graph, fp32_path, input_size, batch_size)
+            else:
+                _export_openvino(graph, fp32_path, input_size, batch_size)
+            errors, constant = zip(*(_check(reference, runtime, fp32_path, (batch, *input_size)) for batch in checked))
+            report = ExportReport(runtime, files, input_size, batch_size, checked, max(errors), precision, tuned=tuned)
+            if all(constant):
+                report = _checked_on_features(report, reference, out, img_size, forms)
+            if precision == BF16:
+                report = _checked_in_bf16(report, reference, out)
+            elif precision == INT8:
+                report = _quantized(report, reference, fp32_path, out, images, min_agreement, log)
     except BaseException:
         for path in files:
             path.unlink(missing_ok=True)
         raise
-    return ExportReport(runtime, files, input_size, batch_size, checked, max(errors))
+    return report
 
 
-def _check_features(
-        reference: nn.Module, out: Path, runtime: str, batch_size: Optional[int], img_size: Optional[int],
-) -> ExportReport:
+def _checked_on_features(report: ExportReport, reference: nn.Module, out: Path, img_size: Optional[int],
+                         forms: FormOf) -> ExportReport:
     """Where ``reference``'s outputs are the same for every input, equal outputs of the runtime show
     nothing about the graph before the classifier: export and check that graph, the features the
-    classifier reads (the same rewrite of the same layers), in a temporary file beside ``out``."""
+    classifier reads (the same branch forms of the same layers), in a temporary file beside ``out``;
+    ``report`` with that check's error."""
     classifier = getattr(reference, 'get_classifier', lambda: None)()
     if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
         raise ExportCheckError(
@@ -105,11 +150,35 @@ def _check_features(
     features.reset_classifier(0)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix='.features-') as tmp:
         try:
-            report = export_model(features, Path(tmp) / out.name, runtime, batch_size, img_size)
+            checked = export_model(features, Path(tmp) / out.name, report.runtime, report.batch_size,
+                                   img_size, forms=forms)
         except ExportCheckError as e:
             raise ExportCheckError(f'{e} (checked on the features before the classifier: the outputs are the same '
                                    f'for every input)') from e
-    return replace(report, features_checked=True)
+    return replace(report, max_error=checked.max_error, features_checked=True)
+
+
+def _checked_in_bf16(report: ExportReport, reference: nn.Module, path: Path) -> ExportReport:
+    """``report`` with the file at ``path``, checked in fp32, run in bf16 and checked within ``BF16_TOLERANCE``."""
+    error = max(_check(reference, report.runtime, path, (batch, *report.input_size), BF16, BF16_TOLERANCE)[0]
+                for batch in report.checked_batch_sizes)
+    return replace(report, runs_in=load_runner(report.runtime, path, precision=BF16).runs_in, precision_error=error)
+
+
+def _quantized(report: ExportReport, reference: nn.Module, fp32_path: Path, out: Path, images: CalibrationImages,
+               min_agreement: float, log: Callable[[str], None]) -> ExportReport:
+    """``report`` with the checked fp32 file at ``fp32_path`` quantized to ``out`` on ``images`` and its
+    top-1 classes checked against eager fp32's on the held-out ones."""
+    log(f'quantizing to int8, calibrated on {len(images.calibration)} images of {images.folder}')
+    quantize(report.runtime, fp32_path, out, images)
+    run = load_runner(report.runtime, out, precision=INT8)
+    agreement, held_out = top1_agreement(reference, run, images, report.batch_size)
+    if not agreement >= min_agreement:
+        raise ExportCheckError(
+            f'the int8 model agrees with eager fp32 on the top-1 class of {agreement:.1%} of {held_out} held-out '
+            f'images of {images.folder}, less than {min_agreement:.0%}: export removed; calibrate on images like '
+            f'those the model will see, or export fp32')
+    return replace(report, runs_in=run.runs_in, agreement=agreement, held_out=held_out)
 
 
 def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
@@ -127,14 +196,7 @@ def _input_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, in
 
 def _export_onnx(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:
     example = torch.randn(batch_size or TRACE_BATCH, *input_size)
-    dynamic_shapes = None if batch_size else ({0: torch.export.Dim('batch', min=1)},)
-    with _quiet():
-        try:
-            torch.onnx.export(
-                graph, (example,), str(path), dynamo=True, external_data=False, optimize=True,
-                input_names=['input'], output_names=['output'], dynamic_shapes=dynamic_shapes, verbose=False)
-        except Exception as e:  # torch.export's and onnxscript's errors are pages long
-            raise ExportError(f'torch.onnx.export failed: {first_line(e)}') from e
+    export_onnx(graph, path, (example,), None if batch_size else (BATCH_DIM,))
 
 
 def _export_openvino(graph: nn.Module, path: Path, input_size: Tuple[int, int, int], batch_size: Optional[int]) -> None:
@@ -167,7 +229,8 @@ def output_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float(((actual - expected).abs().amax(1) / spread).max())
 
 
-def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...]) -> Tuple[float, bool]:
+def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...], precision: str = FP32,
+           tolerance: float = TOLERANCE) -> Tuple[float, bool]:
     """The runtime's output_error on ``path`` at ``shape``, and whether eager PyTorch's outputs were all
     equal (then they show nothing of the graph before the last layer)."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -178,31 +241,16 @@ def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...
             f'eager PyTorch\'s own output holds inf or nan at batch {shape[0]}: the model\'s weights are not finite, '
             f'or so large that its activations overflow float32; export finite, trained weights')
     try:
-        actual = torch.from_numpy(load_runner(runtime, path)(x.numpy()))
+        actual = torch.from_numpy(load_runner(runtime, path, precision=precision)(x.numpy()))
     except Exception as e:
         raise ExportCheckError(f'{runtime} could not run the exported {path.name}: {first_line(e)}') from e
     if actual.shape != expected.shape:
         raise ExportCheckError(
             f'{runtime} output has shape {tuple(actual.shape)} at batch {shape[0]}, eager PyTorch {tuple(expected.shape)}')
     error = output_error(expected, actual)
-    if not error <= TOLERANCE:  # also catches NaN
+    if not error <= tolerance:  # also catches NaN
         raise ExportCheckError(
-            f'{runtime} output differs from eager PyTorch by {error:.1e} of the outputs\' spread at batch '
-            f'{shape[0]}, more than {TOLERANCE:.0e}: export removed')
+            f'{runtime} output' + (f' in {precision}' if precision != FP32 else '') + f' differs from eager PyTorch '
+            f'by {error:.1e} of the outputs\' spread at batch {shape[0]}, more than {tolerance:.0e}: export removed')
     flat = expected.flatten(1)
     return error, bool((flat == flat[:, :1]).all())
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx.export narrates its steps and warns about internals a user cannot act on."""
-    logger = logging.getLogger('torch.onnx')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            yield
-    finally:
-        logger.setLevel(level)
-

@@ -8,34 +8,43 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from ..models.epsanet import EPSABottleneck
 from .forms import branch_form
+from .precision import FP32
 from .psa_graph import BranchForm, PSAGraph
 
 __all__ = ['rewrite_for_runtime']
 
 
-def rewrite_for_runtime(model: nn.Module, runtime: str) -> nn.Module:
+def rewrite_for_runtime(model: nn.Module, runtime: str, precision: str = FP32) -> nn.Module:
     """A copy of ``model``, in eval mode, computing the same function with every PSA layer in the
-    exact form :func:`timm_epsa.deploy.forms.branch_form` picks for ``runtime``; ``model`` is untouched.
+    exact form :func:`timm_epsa.deploy.forms.branch_form` picks for ``runtime`` and ``precision`` (the
+    fixed rules; exports time the forms on the machine instead, :mod:`timm_epsa.deploy.tuning`);
+    ``model`` is untouched.
 
     In an EPSA block the BatchNorm after PSA is folded into the layer and the layer's outputs may
     come in the order its branches produce them, the block's ``conv3`` reading them in that order;
     a PSA layer anywhere else keeps its output exactly.
     """
-    return rewrite_psa(model, lambda conv: branch_form(runtime, conv))
+    return rewrite_psa(model, lambda name, conv: branch_form(runtime, conv, precision))
 
 
-def rewrite_psa(model: nn.Module, form_of: Callable[[nn.Conv2d], BranchForm]) -> nn.Module:
-    """:func:`rewrite_for_runtime` with the form of each branch given by ``form_of(conv)``."""
+FormOf = Callable[[str, nn.Conv2d], BranchForm]  # (a branch's name in the model, its convolution) -> its form
+
+
+def rewrite_psa(model: nn.Module, form_of: FormOf) -> nn.Module:
+    """:func:`rewrite_for_runtime` with the form of each branch given by ``form_of(name, conv)``,
+    ``name`` as in ``model.named_modules()``."""
     model = copy.deepcopy(model).eval()
+    names = {id(module): name for name, module in model.named_modules()}
+    named_form = lambda conv: form_of(names[id(conv)], conv)  # noqa: E731
     if isinstance(model, PyramidSqueezeAttention):
-        return _graph(model, form_of)
+        return _graph(model, named_form)
     for block in model.modules():
         if isinstance(block, EPSABottleneck) and isinstance(block.conv2, PyramidSqueezeAttention):
-            _rewrite_block(block, form_of)
+            _rewrite_block(block, named_form)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, PyramidSqueezeAttention):
-                setattr(parent, name, _graph(child, form_of))
+                setattr(parent, name, _graph(child, named_form))
     return model
 
 
