@@ -192,6 +192,24 @@ def test_export_with_fixed_batch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('tuned_over_rules, exported', [(1.2, 'rules'), (0.9, 'tuned')])
+def test_export_keeps_the_tuned_forms_only_where_the_whole_model_is_not_slower(
+        tmp_path, monkeypatch, untimed_tuning, tuned_over_rules, exported):
+    """Stand-ins: every branch candidate beats the rule's form alone, the whole model takes
+    ``tuned_over_rules`` of the rules' time; the file is written in the forms that win the whole model."""
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()
+    untimed_tuning.rules_fastest, untimed_tuning.tuned_over_rules = False, tuned_over_rules
+    written = []
+    monkeypatch.setattr(export_module, 'rewrite_psa', lambda model, form_of: written.append(
+        {f'1.{name}': form_of(f'1.{name}', conv) for name, conv in model[1].named_children()
+         if name.startswith('conv_')}) or rewrite_psa(model, form_of))
+    export_model(net, tmp_path / 'psa.onnx', 'onnxruntime', batch_size=4, img_size=16)
+    [compared] = untimed_tuning.whole_models
+    assert compared['tuned'] != compared['rules'] and len(compared['rules']) == 4
+    assert written == [compared[exported]]
+
+
+@pytest.mark.slow
 def test_failed_check_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     pytest.importorskip('onnxruntime')
     net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()

@@ -239,5 +239,82 @@ def test_a_candidate_slowed_by_other_processes_in_most_calls_is_timed_by_its_fas
         return call
 
     runs = {'fast, often preempted': run(1.0, slowed=True), 'slow': run(2.0)}
-    timings = tuning._interleaved_seconds(runs, BranchShape(4, 4, (3, 3), 2, (1, 1), (1, 1), (1, 1), 4, 4), (1,))
+    timings = tuning._interleaved_seconds(runs, (4, 4, 4), (1,))
     assert timings == {'fast, often preempted': {1: 1.0}, 'slow': {1: 2.0}}
+
+
+def tuned_and_rules(cache: FormCache):
+    """(model, tuned, rules): the tuned forms (block-diagonal, by :func:`fake_timings`) differ from the rules."""
+    model, measure = tiny_epsanet(), FakeMeasure()
+    tuned = choose_forms(model, 'openvino', 'fp32', (3, 32, 32), cache=cache, measure=measure, clock=measure.clock)
+    rules = {name: branch_form('openvino', shape.conv(), 'fp32')
+             for name, shape in branch_shapes(model, (3, 32, 32)).items()}
+    assert tuned != rules
+    return model, tuned, rules
+
+
+class FakeWholeModels:
+    """Times whole models as ``tuned`` and ``rules`` say (seconds by batch size), each comparison taking 30 s
+    of a fake clock; the export is never called."""
+
+    def __init__(self, tuned, rules):
+        self.now, self.seconds, self.compared = 0.0, {'tuned': tuned, 'rules': rules}, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, models):
+        self.now += 30.0
+        self.compared.append(models)
+        return self.seconds
+
+    @staticmethod
+    def export(forms, path):
+        raise AssertionError('exported a whole model for timing: the stand-in measure must not')
+
+
+@pytest.mark.parametrize('tuned_seconds, keep', [({1: 1.1, 8: 0.95}, 'rules'), ({1: 0.98, 8: 1.0}, 'tuned')])
+def test_tuned_forms_slower_in_the_whole_model_give_way_to_the_rules(tmp_path, tuned_seconds, keep):
+    """On average over the batch sizes: 1.1x at batch 1 is not made up by 0.95x at batch 8."""
+    cache, logs = FormCache(tmp_path / 'forms.json'), []
+    model, tuned, rules = tuned_and_rules(cache)
+    measure = FakeWholeModels(tuned_seconds, {1: 1.0, 8: 1.0})
+    forms = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), tuned, FakeWholeModels.export, cache=cache,
+                               measure=measure, clock=measure.clock, log=logs.append)
+    assert forms == (rules if keep == 'rules' else tuned)
+    assert measure.compared == [{'tuned': tuned, 'rules': rules}]
+    assert 'timing both whole models in openvino in fp32, batch 1,8' in logs[0]
+    assert 'timed both whole models in 30 s' in logs[1]
+    assert logs[1].endswith('fixed rules' if keep == 'rules' else 'tuned forms')
+
+
+def test_the_whole_model_decision_is_cached(tmp_path):
+    cache = FormCache(tmp_path / 'forms.json')
+    model, tuned, rules = tuned_and_rules(cache)
+    measure = FakeWholeModels({1: 2.0, 8: 2.0}, {1: 1.0, 8: 1.0})
+    first = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), tuned, FakeWholeModels.export, cache=cache,
+                               measure=measure, clock=measure.clock)
+
+    def no_measuring(models):
+        raise AssertionError('timed the whole models again')
+    again = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), tuned, FakeWholeModels.export, cache=cache,
+                               measure=no_measuring)
+    assert first == again == rules
+    # other tuned forms are another comparison
+    other = dict(tuned, **{'layer1.0.conv2.conv_4': BranchForm(depthwise=True)})
+    tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), other, FakeWholeModels.export, cache=cache,
+                       measure=measure, clock=measure.clock)
+    assert len(measure.compared) == 2
+
+
+def test_tuned_forms_that_are_the_rules_time_nothing_more(tmp_path):
+    cache, logs = FormCache(tmp_path / 'forms.json'), []
+    model = tiny_epsanet()
+    rules = {name: branch_form('openvino', shape.conv(), 'fp32')
+             for name, shape in branch_shapes(model, (3, 32, 32)).items()}
+
+    def no_measuring(models):
+        raise AssertionError('timed whole models whose forms are the same')
+    forms = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), dict(rules), FakeWholeModels.export,
+                               cache=cache, measure=no_measuring, log=logs.append)
+    assert forms == rules and logs == [] and not cache.path.exists()

@@ -1,18 +1,19 @@
 """Export a model to ONNX Runtime or OpenVINO in the graph form measured fastest there, and check it.
 
-The PSA layers are rewritten first (:func:`timm_epsa.deploy.rewrite.rewrite_psa`) with each
-branch in the form tuned on this machine for the runtime and precision
-(:func:`timm_epsa.deploy.tuning.choose_forms`) or, with ``tune=False``, the fixed rules of
-:mod:`timm_epsa.deploy.forms`; the graph is traced with ``torch.onnx.export`` (dynamo), at batch 2
-when the batch is dynamic, because ``torch.export`` specialises a traced size of 1. OpenVINO IR is
-converted from that graph and saved in fp32 (``openvino.save_model`` would otherwise compress the
-weights to fp16). Nothing is reported done before the runtime has run the written files on a
-real-sized input and matched the eager fp32 model within ``TOLERANCE`` in fp32 as
-:func:`output_error` measures it; then, for bf16,
-run in bf16 within ``BF16_TOLERANCE``; for int8, quantized on calibration images and agreeing with
-eager fp32's top-1 class on held-out images at least ``MIN_AGREEMENT`` of the time. Where the
-model's outputs are the same for every input, the layers before its classifier are exported and
-checked as well (equal outputs show nothing of them). A file that fails is removed.
+The PSA layers are rewritten first (:func:`timm_epsa.deploy.rewrite.rewrite_psa`) with each branch
+in the form tuned on this machine for the runtime and precision
+(:func:`timm_epsa.deploy.tuning.choose_forms`), kept only where the whole model in them is not
+slower than in the fixed rules' forms (:func:`timm_epsa.deploy.tuning.guard_forms`), or, with
+``tune=False``, the fixed rules of :mod:`timm_epsa.deploy.forms`; the graph is traced with
+``torch.onnx.export`` (dynamo), at batch 2 when the batch is dynamic, because ``torch.export``
+specialises a traced size of 1. OpenVINO IR is converted from that graph and saved in fp32
+(``openvino.save_model`` would otherwise compress the weights to fp16). Nothing is reported done
+before the runtime has run the written files on a real-sized input and matched the eager fp32 model
+within ``TOLERANCE`` in fp32 as :func:`output_error` measures it; then, for bf16, run in bf16 within
+``BF16_TOLERANCE``; for int8, quantized on calibration images and agreeing with eager fp32's top-1
+class on held-out images at least ``MIN_AGREEMENT`` of the time. Where the model's outputs are the
+same for every input, the layers before its classifier are exported and checked as well (equal
+outputs show nothing of them). A file that fails is removed.
 """
 import copy
 import tempfile
@@ -33,7 +34,7 @@ from .quantization import quantize, top1_agreement
 from .rewrite import FormOf, rewrite_psa
 from .runtimes import ExportError, check_precision, load_runner, require_runtime
 from .tracing import BATCH_DIM, TRACE_BATCH, export_onnx
-from .tuning import choose_forms
+from .tuning import choose_forms, guard_forms
 
 __all__ = ['BF16_TOLERANCE', 'ExportCheckError', 'ExportReport', 'MIN_AGREEMENT', 'TOLERANCE', 'export_model',
            'output_error']
@@ -108,6 +109,9 @@ def export_model(
     tuned = forms is None and tune
     if tuned:
         chosen = choose_forms(reference, runtime, precision, input_size, batch_size, log=log)
+        chosen = guard_forms(reference, runtime, precision, input_size, chosen, batch_size=batch_size, log=log,
+                             export=lambda forms, path: _export_onnx(
+                                 rewrite_psa(reference, lambda name, conv: forms[name]), path, input_size, batch_size))
         forms = lambda name, conv: chosen[name]  # noqa: E731
     forms = forms or (lambda name, conv: branch_form(runtime, conv, precision))
     graph = rewrite_psa(reference, forms)

@@ -20,7 +20,14 @@ Candidates are timed alone, each a small model of its own cut from one export of
 (:class:`CandidateBank`): one ``torch.onnx.export`` instead of one per candidate. Tuning stops
 after :data:`BUDGET_SECONDS`; shapes left then take the fixed rules of :mod:`timm_epsa.deploy.forms`
 and are measured by the next export.
+
+Branches timed alone can still mislead in the network (OpenVINO fp32 on a Xeon: forms each clearly
+faster alone made the whole epsanet50 16-19% slower at batch 8), so where the tuned forms differ from
+the fixed rules :func:`guard_forms` times both whole models and keeps the tuned forms only where they
+are not slower; that decision is cached too.
 """
+import hashlib
+import json
 import tempfile
 import time
 import warnings
@@ -36,12 +43,12 @@ from ..layers.psa import PyramidSqueezeAttention
 from .cpu_info import cpu_flags, cpu_model, usable_cores
 from .form_cache import FormCache
 from .forms import ONNXRUNTIME, branch_form
-from .precision import INT8, openvino_config
+from .precision import FP32, INT8, openvino_config
 from .psa_graph import BranchForm, BranchGraph
 from .tracing import TRACE_BATCH, export_onnx
 
 __all__ = ['BUDGET_SECONDS', 'TUNING_BATCHES', 'BranchShape', 'CandidateBank', 'Timings', 'branch_shapes',
-           'candidate_forms', 'choose_forms', 'form_label']
+           'candidate_forms', 'choose_forms', 'form_label', 'guard_forms']
 
 TUNING_BATCHES = (1, 8)  # a dynamic-batch export is tuned for both
 BUDGET_SECONDS = 300.0
@@ -52,6 +59,9 @@ EVICT_BYTES = 16 << 20  # more than the private (L2) caches of the cores that ru
 
 Timings = Dict[str, Dict[int, float]]  # seconds per call, by candidate label and batch size
 Measure = Callable[[Sequence['BranchShape']], Iterator[Tuple['BranchShape', Timings]]]
+Forms = Dict[str, BranchForm]  # a form for each PSA branch, by module name
+# seconds per call of each whole model ('tuned', 'rules': the model with those forms), by batch size
+MeasureModels = Callable[[Dict[str, Forms]], Timings]
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,68 @@ def choose_forms(
             for name, shape in shapes.items()}
 
 
+def guard_forms(
+        model: nn.Module,
+        runtime: str,
+        precision: str,
+        input_size: Tuple[int, int, int],
+        tuned: Forms,
+        export: Callable[[Forms, Path], None],
+        batch_size: Optional[int] = None,
+        cache: Optional[FormCache] = None,
+        measure: Optional[MeasureModels] = None,
+        clock: Callable[[], float] = time.perf_counter,
+        log: Callable[[str], None] = lambda message: None,
+) -> Forms:
+    """``tuned`` (from :func:`choose_forms`) where the whole model in those forms is not slower, on
+    average over the tuning's batch sizes, than in the fixed rules' forms; the rules' forms otherwise.
+
+    Where ``tuned`` is the rules nothing is timed. Otherwise ``export(forms, path)`` writes each model
+    as ONNX and ``measure`` (the runtime, by default) times both as the candidates are timed
+    (:func:`_interleaved_seconds`), in the tuning's precision; for int8 the fp32 models are timed in
+    fp32, since quantizing a whole model needs calibration images and minutes. The decision is cached
+    under the tuning's key and a digest of the branches' names, shapes and tuned forms, so the next
+    export of the same model measures nothing."""
+    batches = (batch_size,) if batch_size else TUNING_BATCHES
+    shapes = branch_shapes(model, input_size)
+    rules = {name: branch_form(runtime, shape.conv(), precision) for name, shape in shapes.items()}
+    differ = [name for name in shapes if tuned[name] != rules[name]]
+    if not differ:
+        return tuned
+    cache = cache or FormCache(log=log)
+    signature = json.dumps([(name, shape.describe(), form_label(tuned[name])) for name, shape in shapes.items()])
+    key = (f'{_key_prefix(runtime, precision, batches)} | whole model '
+           f'{hashlib.sha256(signature.encode()).hexdigest()[:16]}')
+    entry = cache.load().get(key)
+    if isinstance(entry, dict) and entry.get('keep') in ('tuned', 'rules'):
+        return tuned if entry['keep'] == 'tuned' else rules
+    timed_in = FP32 if precision == INT8 else precision
+    log(f'the tuned forms differ from the fixed rules in {len(differ)} of {len(shapes)} PSA branches: timing both '
+        f'whole models in {runtime} in {timed_in}, batch {",".join(map(str, batches))}')
+    start = clock()
+    measure = measure or (lambda models: _whole_model_seconds(models, export, runtime, timed_in, input_size, batches))
+    seconds = measure({'tuned': tuned, 'rules': rules})
+    ratio = sum(seconds['tuned'][b] / seconds['rules'][b] for b in batches) / len(batches)
+    keep = 'tuned' if ratio <= 1.0 else 'rules'
+    cache.add({key: {'keep': keep, 'seconds': seconds}})
+    log(f'timed both whole models in {clock() - start:.0f} s: the tuned forms take {ratio:.2f}x the rules\' time; '
+        f'exporting the ' + ('tuned forms' if keep == 'tuned' else 'fixed rules'))
+    return tuned if keep == 'tuned' else rules
+
+
+def _whole_model_seconds(models: Dict[str, Forms], export: Callable[[Forms, Path], None], runtime: str, precision: str,
+                         input_size: Tuple[int, int, int], batches: Sequence[int]) -> Timings:
+    """Seconds per call of each whole model, exported by ``export`` and timed as candidates are."""
+    with tempfile.TemporaryDirectory(prefix='timm-epsa-guard-') as tmp:
+        runs = {}
+        for label, forms in models.items():
+            path = Path(tmp) / f'{label}.onnx'
+            export(forms, path)
+            runners = _OpenVINOCuts(path, precision) if runtime != ONNXRUNTIME else _OnnxRuntimeCuts(path)
+            runs[label] = runners.cut('input', 'output')
+        return _interleaved_seconds(runs, input_size, batches)
+
+
 def _fastest(shape: BranchShape, seconds: Timings, rule: BranchForm) -> BranchForm:
     """The candidate whose time, relative to the fastest at each batch size, is lowest on average
     (among equals, the earliest in :func:`candidate_forms`' order), if that average is under
@@ -229,7 +301,7 @@ class CandidateBank(nn.Module):
             runners = _OpenVINOCuts(path, self.precision) if self.runtime != ONNXRUNTIME else _OnnxRuntimeCuts(path)
             for i, shape in enumerate(self.shapes):
                 runs = {label: runners.cut(f'x{i}', f'y{j}') for j, (index, label) in enumerate(self.index) if index == i}
-                yield shape, _interleaved_seconds(runs, shape, batches)
+                yield shape, _interleaved_seconds(runs, (shape.in_chs, shape.height, shape.width), batches)
 
     def _quantized(self, path: Path) -> Path:
         """The bank quantized as the export will be (random calibration data: timing ignores values)."""
@@ -240,22 +312,23 @@ class CandidateBank(nn.Module):
         return out
 
 
-def _interleaved_seconds(runs: Dict[str, Callable[[np.ndarray], object]], shape: BranchShape,
+def _interleaved_seconds(runs: Dict[str, Callable[[np.ndarray], object]], input_size: Tuple[int, int, int],
                          batches: Sequence[int]) -> Timings:
-    """Seconds of the fastest timed call of each candidate at each batch size, timed in turn round after
-    round (each call after an untimed one, which settles the previous candidate's threads), so that a
-    change in the machine's speed meets every candidate alike. The fastest, not the median: on a shared
-    core other processes' time slices land inside calls and only add to them (measured: medians at
-    batch 1 of 9-10 ms, about what the same candidates took at batch 8), so the fastest call is the
-    nearest to the candidate's own time. Before each timed call the CPU's private caches are filled
-    with other data: in a network a branch's weights come from the shared cache after the layers
-    before it ran, and a candidate whose weights only fit a private cache when it runs alone
-    (block-diagonal weights are larger) would look faster than it is. A candidate over
-    :data:`GIVE_UP` times the fastest after three rounds cannot win and is not timed again."""
+    """Seconds of the fastest timed call of each candidate (on inputs of ``input_size``) at each batch
+    size, timed in turn round after round (each call after an untimed one, which settles the previous
+    candidate's threads), so that a change in the machine's speed meets every candidate alike. The
+    fastest, not the median: on a shared core other processes' time slices land inside calls and only
+    add to them (measured: medians at batch 1 of 9-10 ms, about what the same candidates took at batch
+    8), so the fastest call is the nearest to the candidate's own time. Before each timed call the
+    CPU's private caches are filled with other data: in a network a branch's weights come from the
+    shared cache after the layers before it ran, and a candidate whose weights only fit a private
+    cache when it runs alone (block-diagonal weights are larger) would look faster than it is. A
+    candidate over :data:`GIVE_UP` times the fastest after three rounds cannot win and is not timed
+    again."""
     seconds: Timings = {label: {} for label in runs}
     other_data = np.ones(EVICT_BYTES // 8)
     for batch in batches:
-        x = np.random.default_rng(0).standard_normal((batch, shape.in_chs, shape.height, shape.width), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
         times: Dict[str, List[float]] = {label: [] for label in runs}
         for _ in range(ROUNDS):
             for label, run in runs.items():
