@@ -197,6 +197,7 @@ def test_export_keeps_the_tuned_forms_only_where_the_whole_model_is_not_slower(
         tmp_path, monkeypatch, untimed_tuning, tuned_over_rules, exported):
     """Stand-ins: every branch candidate beats the rule's form alone, the whole model takes
     ``tuned_over_rules`` of the rules' time; the file is written in the forms that win the whole model."""
+    pytest.importorskip('onnxruntime')
     net = nn.Sequential(nn.Conv2d(3, 32, 1), PyramidSqueezeAttention(32, 64, groups=(1, 2, 4, 8))).eval()
     untimed_tuning.rules_fastest, untimed_tuning.tuned_over_rules = False, tuned_over_rules
     written = []

@@ -13,6 +13,7 @@ from torch import nn
 
 from numerics import assert_relative_close
 from timm_epsa.deploy.form_cache import FormCache
+from timm_epsa.deploy.graph_export import _export_onnx
 from timm_epsa.deploy.forms import branch_form
 from timm_epsa.deploy.psa_graph import BranchForm, PSAGraph
 from timm_epsa.deploy import tuning
@@ -273,7 +274,10 @@ class FakeWholeModels:
         raise AssertionError('exported a whole model for timing: the stand-in measure must not')
 
 
-@pytest.mark.parametrize('tuned_seconds, keep', [({1: 1.1, 8: 0.95}, 'rules'), ({1: 0.98, 8: 1.0}, 'tuned')])
+@pytest.mark.parametrize('tuned_seconds, keep', [
+    ({1: 1.1, 8: 0.95}, 'rules'), ({1: 0.98, 8: 1.0}, 'tuned'),
+    ({1: 1.05, 8: 0.9}, 'tuned'),  # slower at batch 1 alone, faster on average
+])
 def test_tuned_forms_slower_in_the_whole_model_give_way_to_the_rules(tmp_path, tuned_seconds, keep):
     """On average over the batch sizes: 1.1x at batch 1 is not made up by 0.95x at batch 8."""
     cache, logs = FormCache(tmp_path / 'forms.json'), []
@@ -318,3 +322,22 @@ def test_tuned_forms_that_are_the_rules_time_nothing_more(tmp_path):
     forms = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), dict(rules), FakeWholeModels.export,
                                cache=cache, measure=no_measuring, log=logs.append)
     assert forms == rules and logs == [] and not cache.path.exists()
+
+
+@pytest.mark.slow
+def test_the_runtime_times_both_whole_models(tmp_path):
+    """The real comparison, as export_model runs it: both models exported and timed in the runtime, the
+    decision and its timings cached."""
+    pytest.importorskip('openvino')
+    cache = FormCache(tmp_path / 'forms.json')
+    model, tuned, rules = tuned_and_rules(cache)
+
+    def export(forms, path):
+        _export_onnx(rewrite_psa(model, lambda name, conv: forms[name]), path, (3, 32, 32), None)
+    forms = tuning.guard_forms(model, 'openvino', 'fp32', (3, 32, 32), tuned, export, cache=cache)
+    assert forms in (tuned, rules)
+    (entry,) = [value for key, value in cache.load().items() if 'whole model' in key]
+    assert entry['keep'] == ('tuned' if forms == tuned else 'rules')
+    for label in ('tuned', 'rules'):
+        assert {int(batch) for batch in entry['seconds'][label]} == set(tuning.TUNING_BATCHES)
+        assert all(0 < seconds < 10 for seconds in entry['seconds'][label].values())

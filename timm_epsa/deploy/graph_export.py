@@ -124,9 +124,9 @@ def export_model(
                 _export_onnx(graph, fp32_path, input_size, batch_size)
             else:
                 _export_openvino(graph, fp32_path, input_size, batch_size)
-            errors, constant = zip(*(_check(reference, runtime, fp32_path, (batch, *input_size)) for batch in checked))
-            report = ExportReport(runtime, files, input_size, batch_size, checked, max(errors), precision, tuned=tuned)
-            if all(constant):
+            error, constant, _ = _check(reference, runtime, fp32_path, input_size, checked)
+            report = ExportReport(runtime, files, input_size, batch_size, checked, error, precision, tuned=tuned)
+            if constant:
                 report = _checked_on_features(report, reference, out, img_size, forms)
             if precision == BF16:
                 report = _checked_in_bf16(report, reference, out)
@@ -164,9 +164,9 @@ def _checked_on_features(report: ExportReport, reference: nn.Module, out: Path, 
 
 def _checked_in_bf16(report: ExportReport, reference: nn.Module, path: Path) -> ExportReport:
     """``report`` with the file at ``path``, checked in fp32, run in bf16 and checked within ``BF16_TOLERANCE``."""
-    error = max(_check(reference, report.runtime, path, (batch, *report.input_size), BF16, BF16_TOLERANCE)[0]
-                for batch in report.checked_batch_sizes)
-    return replace(report, runs_in=load_runner(report.runtime, path, precision=BF16).runs_in, precision_error=error)
+    error, _, runs_in = _check(reference, report.runtime, path, report.input_size, report.checked_batch_sizes, BF16,
+                               BF16_TOLERANCE)
+    return replace(report, runs_in=runs_in, precision_error=error)
 
 
 def _quantized(report: ExportReport, reference: nn.Module, fp32_path: Path, out: Path, images: CalibrationImages,
@@ -233,21 +233,33 @@ def output_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float(((actual - expected).abs().amax(1) / spread).max())
 
 
-def _check(reference: nn.Module, runtime: str, path: Path, shape: Tuple[int, ...], precision: str = FP32,
-           tolerance: float = TOLERANCE) -> Tuple[float, bool]:
-    """The runtime's output_error on ``path`` at ``shape``, and whether eager PyTorch's outputs were all
-    equal (then they show nothing of the graph before the last layer)."""
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+def _check(reference: nn.Module, runtime: str, path: Path, input_size: Tuple[int, int, int],
+           batches: Tuple[int, ...], precision: str = FP32, tolerance: float = TOLERANCE) -> Tuple[float, bool, str]:
+    """The largest of the runtime's output_errors on ``path`` (loaded once) at each of ``batches``, whether
+    eager PyTorch's outputs were all equal at every batch (then they show nothing of the graph before the
+    last layer), and the precision the runtime ran in."""
+    inputs = [torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0)) for batch in batches]
     with torch.inference_mode():
-        expected = reference(x)
-    if not bool(expected.isfinite().all()):
+        outputs = [reference(x) for x in inputs]
+    nonfinite = next((batch for batch, expected in zip(batches, outputs) if not bool(expected.isfinite().all())), None)
+    if nonfinite is not None:
         raise ExportCheckError(
-            f'eager PyTorch\'s own output holds inf or nan at batch {shape[0]}: the model\'s weights are not finite, '
+            f'eager PyTorch\'s own output holds inf or nan at batch {nonfinite}: the model\'s weights are not finite, '
             f'or so large that its activations overflow float32; export finite, trained weights')
     try:
-        actual = torch.from_numpy(load_runner(runtime, path, precision=precision)(x.numpy()))
+        run = load_runner(runtime, path, precision=precision)
+        actuals = [torch.from_numpy(run(x.numpy())) for x in inputs]
     except Exception as e:
         raise ExportCheckError(f'{runtime} could not run the exported {path.name}: {first_line(e)}') from e
+    checked = [_compare(runtime, expected, actual, precision, tolerance) for expected, actual in zip(outputs, actuals)]
+    return max(error for error, _ in checked), all(constant for _, constant in checked), run.runs_in
+
+
+def _compare(runtime: str, expected: torch.Tensor, actual: torch.Tensor, precision: str,
+             tolerance: float) -> Tuple[float, bool]:
+    """The output_error of ``actual`` against eager PyTorch's ``expected`` within ``tolerance``, and whether
+    ``expected``'s outputs were all equal."""
+    shape = expected.shape
     if actual.shape != expected.shape:
         raise ExportCheckError(
             f'{runtime} output has shape {tuple(actual.shape)} at batch {shape[0]}, eager PyTorch {tuple(expected.shape)}')

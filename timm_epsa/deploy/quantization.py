@@ -29,9 +29,9 @@ __all__ = ['quantize', 'quantize_bank', 'top1_agreement']
 CHECK_BATCH = 8  # held-out images per call in the check of a dynamic-batch file
 
 
-def quantize(runtime: str, fp32_path: Path, out: Path, images: CalibrationImages, input_name: str = 'input') -> None:
+def quantize(runtime: str, fp32_path: Path, out: Path, images: CalibrationImages) -> None:
     """Write the int8 form of the fp32 file ``fp32_path`` at ``out``, calibrated on ``images.calibration``."""
-    feeds = (lambda: ({input_name: batch.numpy()} for batch in images.batches(images.calibration)))
+    feeds = (lambda: ({'input': batch.numpy()} for batch in images.batches(images.calibration)))
     if runtime == ONNXRUNTIME:
         from onnxruntime.quantization import quant_pre_process
         with tempfile.TemporaryDirectory(dir=out.parent, prefix='.quantize-') as tmp:

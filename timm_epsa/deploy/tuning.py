@@ -45,6 +45,7 @@ from .form_cache import FormCache
 from .forms import ONNXRUNTIME, branch_form
 from .precision import FP32, INT8, openvino_config
 from .psa_graph import BranchForm, BranchGraph
+from .runtimes import load_runner
 from .tracing import TRACE_BATCH, export_onnx
 
 __all__ = ['BUDGET_SECONDS', 'TUNING_BATCHES', 'BranchShape', 'CandidateBank', 'Timings', 'branch_shapes',
@@ -238,8 +239,7 @@ def _whole_model_seconds(models: Dict[str, Forms], export: Callable[[Forms, Path
         for label, forms in models.items():
             path = Path(tmp) / f'{label}.onnx'
             export(forms, path)
-            runners = _OpenVINOCuts(path, precision) if runtime != ONNXRUNTIME else _OnnxRuntimeCuts(path)
-            runs[label] = runners.cut('input', 'output')
+            runs[label] = load_runner(runtime, path, threads=usable_cores(), precision=precision)
         return _interleaved_seconds(runs, input_size, batches)
 
 

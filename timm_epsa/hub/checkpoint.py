@@ -30,8 +30,8 @@ from ..escaping import first_line, one_line, utf8_path_problem
 
 __all__ = [
     'Checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'MAX_SIDE', 'MIN_EXPORT_SIDE', 'NonFiniteWeightsError',
-    'check_fits', 'check_source', 'check_values', 'check_weights', 'nonfinite_weights_allowed', 'not_safetensors', 'read_checkpoint',
-    'recorded_data_config',
+    'check_fits', 'check_source', 'check_values', 'check_weights', 'nonfinite_weights_allowed', 'not_safetensors',
+    'read_checkpoint', 'recorded_data_config', 'whole_in_range',
 ]
 
 # Types a weights_only unpickler may build beyond tensors and builtin containers (timm allows the same).
@@ -273,17 +273,17 @@ def recorded_data_config(args: argparse.Namespace, model: nn.Module, what: str) 
             f"--ignore-train-args to use {model.pretrained_cfg['architecture']}'s default preprocessing instead")
 
     for name in ('in_chans', 'chans'):
-        if recorded.get(name) is not None and not _whole(recorded[name], channels, channels):
+        if recorded.get(name) is not None and not whole_in_range(recorded[name], channels, channels):
             raise refuse(name, f'but the weights take {channels} input channels')
     sides = ()
     if recorded.get('input_size') is not None:
         size = recorded['input_size']
-        if not isinstance(size, (list, tuple)) or len(size) != 3 or not _whole(size[0], channels, channels):
+        if not isinstance(size, (list, tuple)) or len(size) != 3 or not whole_in_range(size[0], channels, channels):
             raise refuse('input_size', f'which is not ({channels}, height, width) for weights of {channels} channels')
         sides = size[1:]
     elif recorded.get('img_size') is not None:
         sides = (recorded['img_size'],)
-    if not all(_whole(side, 1, MAX_SIDE) for side in sides):
+    if not all(whole_in_range(side, 1, MAX_SIDE) for side in sides):
         raise refuse('input_size' if recorded.get('input_size') is not None else 'img_size',
                      f'but image sides are whole numbers of pixels from 1 to {MAX_SIDE}')
     if recorded.get('interpolation') and recorded['interpolation'] not in _INTERPOLATIONS:
@@ -308,7 +308,8 @@ def _number(value: Any, low: float, high: float) -> bool:
     return is_number and math.isfinite(value) and low <= value <= high
 
 
-def _whole(value: Any, low: int, high: int) -> bool:
+def whole_in_range(value: Any, low: int, high: int) -> bool:
+    """An int (not a bool) from ``low`` to ``high``: what a size read from a JSON or pickled file must be."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 

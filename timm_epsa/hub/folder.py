@@ -21,7 +21,8 @@ from ..escaping import first_line
 from ..models.epsanet import MODEL_NAMES
 from ..models.measure import ModelFacts, measure_model
 from .cards import IMAGENET_1K, CardDataset, render_model_card
-from .checkpoint import MAX_SIDE, MIN_EXPORT_SIDE, CheckpointError, CheckpointMismatchError, check_fits
+from .checkpoint import (
+    MAX_SIDE, MIN_EXPORT_SIDE, CheckpointError, CheckpointMismatchError, check_fits, not_safetensors, whole_in_range)
 from .config_json import save_for_hub
 from .pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
@@ -125,8 +126,7 @@ def check_config_json(folder: Path) -> str:
                              f'values; {again}')
     size = config.get('pretrained_cfg', config).get('input_size')  # timm reads it from the top in old configs
     if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
-            isinstance(n, int) and not isinstance(n, bool) and low <= n <= MAX_SIDE
-            for n, low in zip(size, (1, MIN_EXPORT_SIDE, MIN_EXPORT_SIDE)))):
+            whole_in_range(n, low, MAX_SIDE) for n, low in zip(size, (1, MIN_EXPORT_SIDE, MIN_EXPORT_SIDE)))):
         raise ValueError(f'{config_path} gives input_size {size}, which is not [channels, height, width] of 1 to '
                          f'{MAX_SIDE} channels and sides of {MIN_EXPORT_SIDE} to {MAX_SIDE} pixels; correct it, or '
                          f'{again}')
@@ -157,7 +157,7 @@ def check_config_fits_weights(folder: Path) -> None:
         with safe_open(weights, framework='pt') as tensors:
             shapes = {k: torch.empty(tensors.get_slice(k).get_shape(), device='meta') for k in tensors.keys()}
     except SafetensorError as e:
-        raise CheckpointError(f'{weights} is not a valid safetensors file ({first_line(e)}); convert again') from e
+        raise not_safetensors(weights, e) from e
     try:
         check_fits(shapes, model, what=str(weights),
                    architecture=f"the {model.pretrained_cfg['architecture']} that {config} describes")
@@ -165,6 +165,8 @@ def check_config_fits_weights(folder: Path) -> None:
         raise CheckpointError(
             f'{e}. transformers would load it with random layers or without some of them: make config.json describe '
             f'the network the weights are for (architecture, model_args, num_classes), or convert again') from e
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal, a NaN equal to a NaN (``convert --allow-nonfinite`` keeps them)."""
     return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))

@@ -36,7 +36,7 @@ from ..hub.checkpoint import check_weights
 from ..hub.repos import registered_repo_id
 from ..layers import PyramidSqueezeAttention
 
-__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_config_model_args', 'check_model_args', 'check_model_name']
+__all__ = ['EPSABottleneck', 'MODEL_NAMES', 'check_config_model_args', 'check_model_name']
 
 # Small is the PSA layer's default schedule; Large keeps its kernels with 32 groups per branch.
 LARGE_PSA = dict(groups=(32, 32, 32, 32))
